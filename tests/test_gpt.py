@@ -1,0 +1,173 @@
+import pytest
+import torch
+
+from utils.gpt import (GPT_CONFIG_124M, GELU, GPTModel, LayerNorm, MultiHeadAttention, generate,
+                       validate_gpt_config)
+
+TINY = {"vocab_size": 97, "context_length": 16, "emb_dim": 32, "n_heads": 4, "n_layers": 2,
+        "drop_rate": 0.0, "qkv_bias": True}
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def gpt_param_formula(cfg):
+    """Untied GPT-2 parameter count, written out from the architecture."""
+    V, C, D, L = cfg["vocab_size"], cfg["context_length"], cfg["emb_dim"], cfg["n_layers"]
+    F = cfg.get("ffn_hidden_dim") or 4 * D
+    attention = 3 * D * D + (3 * D if cfg["qkv_bias"] else 0) + D * D + D
+    ffn = D * F + F + F * D + D
+    norms = 2 * 2 * D
+    return V * D + C * D + L * (attention + ffn + norms) + 2 * D + D * V
+
+
+def test_gpt2_124m_parameter_count():
+    with torch.device("meta"):  # shapes only, no memory
+        model = GPTModel(GPT_CONFIG_124M)
+    assert n_params(model) == gpt_param_formula(GPT_CONFIG_124M) == 163_009_536
+
+
+@pytest.mark.parametrize("changes", [{}, {"qkv_bias": False}, {"ffn_hidden_dim": 48}, {"n_layers": 3}])
+def test_parameter_count_matches_formula(changes):
+    cfg = {**TINY, **changes}
+    assert n_params(GPTModel(cfg)) == gpt_param_formula(cfg)
+
+
+def test_output_shape():
+    torch.manual_seed(0)
+    model = GPTModel(TINY)
+    idx = torch.randint(0, TINY["vocab_size"], (3, 10))
+    assert model(idx).shape == (3, 10, TINY["vocab_size"])
+    with pytest.raises(ValueError, match="context_length"):
+        model(torch.zeros(1, TINY["context_length"] + 1, dtype=torch.long))
+
+
+def test_model_is_causal():
+    torch.manual_seed(0)
+    model = GPTModel(TINY).eval()
+    idx = torch.randint(0, TINY["vocab_size"], (2, 12))
+    changed = idx.clone()
+    changed[:, 7:] = (changed[:, 7:] + 1) % TINY["vocab_size"]
+    a, b = model(idx), model(changed)
+    assert torch.allclose(a[:, :7], b[:, :7], atol=1e-6)
+    assert not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_attention_weights_are_causal_and_normalised():
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(32, 32, context_length=16, num_heads=4)
+    out, w = mha(torch.randn(2, 9, 32), return_weights=True)
+    assert out.shape == (2, 9, 32) and w.shape == (2, 4, 9, 9)
+    assert torch.allclose(w.sum(-1), torch.ones(2, 4, 9))
+    assert torch.all(w.triu(diagonal=1) == 0)
+
+
+def test_layernorm_and_gelu_match_torch():
+    x = torch.randn(4, 7, 32)
+    ln = LayerNorm(32)
+    assert torch.allclose(ln(x), torch.nn.functional.layer_norm(x, (32,), eps=1e-5), atol=1e-5)
+    assert torch.allclose(GELU()(x), torch.nn.functional.gelu(x, approximate="tanh"), atol=1e-6)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"emb_dim": 30}, "divisible"),
+    ({"n_layers": 0}, "n_layers"),
+    ({"vocab_size": -5}, "vocab_size"),
+    ({"emb_dim": 32.0}, "emb_dim"),
+    ({"drop_rate": 1.0}, "drop_rate"),
+    ({"emb_dims": 32}, "unknown config key"),
+    ({"ffn_hidden_dim": 0}, "ffn_hidden_dim"),
+])
+def test_bad_configs_raise(bad, message):
+    with pytest.raises(ValueError, match=message):
+        GPTModel({**TINY, **bad})
+
+
+def test_missing_key_raises():
+    cfg = dict(TINY)
+    del cfg["n_heads"]
+    with pytest.raises(ValueError, match="n_heads"):
+        validate_gpt_config(cfg)
+
+
+def test_same_seed_same_model():
+    torch.manual_seed(123)
+    a = GPTModel(TINY)
+    torch.manual_seed(123)
+    b = GPTModel(TINY)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_generate_greedy_and_sampling():
+    torch.manual_seed(0)
+    model = GPTModel(TINY)
+    idx = torch.tensor([[1, 2, 3]])
+    greedy = generate(model, idx, max_new_tokens=20)
+    assert greedy.shape == (1, 23) and torch.equal(greedy[:, :3], idx)  # also runs past context_length
+    assert torch.equal(greedy, generate(model, idx, max_new_tokens=20))
+    s1 = generate(model, idx, 10, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(1))
+    s2 = generate(model, idx, 10, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(s1, s2)
+    # top_k=1 sampling is greedy decoding
+    assert torch.equal(generate(model, idx, 10, temperature=1.0, top_k=1), greedy[:, :13])
+    with pytest.raises(ValueError, match="top_k"):
+        generate(model, idx, 1, temperature=1.0, top_k=0)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, idx, 1, temperature=-1.0)
+
+
+def test_generate_stops_at_eos():
+    torch.manual_seed(0)
+    model = GPTModel(TINY)
+    idx = torch.tensor([[1, 2, 3]])
+    first = generate(model, idx, 1)[0, -1].item()
+    assert generate(model, idx, 10, eos_id=first).shape == (1, 4)
+
+
+def load_into_hf_gpt2(model):
+    """Copy our GPTModel's weights into transformers' GPT2LMHeadModel (a reference we did not write)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = model.cfg
+    hf = GPT2LMHeadModel(GPT2Config(
+        vocab_size=cfg["vocab_size"], n_positions=cfg["context_length"], n_embd=cfg["emb_dim"],
+        n_layer=cfg["n_layers"], n_head=cfg["n_heads"], n_inner=cfg["ffn_hidden_dim"],
+        activation_function="gelu_new", layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
+    )).eval()
+    sd = {"transformer.wte.weight": model.tok_emb.weight, "transformer.wpe.weight": model.pos_emb.weight,
+          "transformer.ln_f.weight": model.final_norm.scale, "transformer.ln_f.bias": model.final_norm.shift,
+          "lm_head.weight": model.out_head.weight}
+    for i, blk in enumerate(model.trf_blocks):
+        p = f"transformer.h.{i}."
+        att = blk.att
+        qkv_bias = [torch.zeros(cfg["emb_dim"]) if l.bias is None else l.bias
+                    for l in (att.W_query, att.W_key, att.W_value)]
+        sd.update({
+            p + "ln_1.weight": blk.norm1.scale, p + "ln_1.bias": blk.norm1.shift,
+            # transformers' Conv1D stores weights as (in, out): the transpose of nn.Linear.
+            p + "attn.c_attn.weight": torch.cat([att.W_query.weight.T, att.W_key.weight.T, att.W_value.weight.T], 1),
+            p + "attn.c_attn.bias": torch.cat(qkv_bias),
+            p + "attn.c_proj.weight": att.out_proj.weight.T, p + "attn.c_proj.bias": att.out_proj.bias,
+            p + "ln_2.weight": blk.norm2.scale, p + "ln_2.bias": blk.norm2.shift,
+            p + "mlp.c_fc.weight": blk.ff.layers[0].weight.T, p + "mlp.c_fc.bias": blk.ff.layers[0].bias,
+            p + "mlp.c_proj.weight": blk.ff.layers[2].weight.T, p + "mlp.c_proj.bias": blk.ff.layers[2].bias,
+        })
+    missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
+    assert not unexpected and all("attn.bias" in k or "masked_bias" in k for k in missing), (missing, unexpected)
+    return hf
+
+
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_logits_match_transformers_gpt2(qkv_bias):
+    torch.manual_seed(0)
+    cfg = {**TINY, "qkv_bias": qkv_bias, "ffn_hidden_dim": 80}
+    model = GPTModel(cfg).eval()
+    for p in model.parameters():  # non-trivial norms too, not just ones and zeros
+        torch.nn.init.normal_(p, std=0.2)
+    hf = load_into_hf_gpt2(model)
+    idx = torch.randint(0, cfg["vocab_size"], (2, cfg["context_length"]))
+    with torch.no_grad():
+        ours, theirs = model(idx), hf(idx).logits
+    assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()

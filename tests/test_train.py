@@ -1,0 +1,80 @@
+import math
+
+import pytest
+import torch
+
+from utils.data import create_dataloader
+from utils.gpt import GPTModel
+from utils.train import aux_loss, evaluate, get_device, lr_at, train
+
+TINY = {"vocab_size": 50, "context_length": 16, "emb_dim": 32, "n_heads": 4, "n_layers": 2, "drop_rate": 0.1}
+
+
+def test_lr_schedule():
+    peak, low = 1e-3, 1e-4
+    lrs = [lr_at(s, 100, peak, 10, low) for s in range(100)]
+    assert lrs[0] == pytest.approx(peak / 10)
+    assert max(lrs) == pytest.approx(peak) and lrs[9] == pytest.approx(peak)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # monotone decay after warmup
+    assert lr_at(100, 100, peak, 10, low) == pytest.approx(low)
+    assert lr_at(55, 100, peak, 10, low) == pytest.approx((peak + low) / 2)  # cosine midpoint
+
+
+def test_get_device_is_usable():
+    assert torch.zeros(1, device=get_device()).device.type in ("cuda", "mps", "cpu")
+
+
+def loaders():
+    ids = torch.arange(2000) % 23  # a periodic sequence: easy to learn
+    return (create_dataloader(ids, 8, 16, seed=0),
+            create_dataloader(ids[:400], 8, 16, shuffle=False, drop_last=False))
+
+
+def run(seed=0, steps=30):
+    torch.manual_seed(seed)
+    model = GPTModel(TINY)
+    train_loader, val_loader = loaders()
+    return model, train(model, train_loader, val_loader, max_steps=steps, peak_lr=3e-3, eval_every=10,
+                        device="cpu", seed=seed, verbose=False)
+
+
+def test_training_learns_and_history_is_complete():
+    model, h = run()
+    assert h["step"] == [0, 10, 20, 30]
+    assert len(h["lr"]) == 30 and len(h["val_loss"]) == 4
+    assert math.isnan(h["train_loss"][0])
+    assert h["val_loss"][0] > math.log(TINY["vocab_size"]) - 0.5   # untrained: about uniform
+    assert h["val_loss"][-1] < 0.5 * h["val_loss"][0]
+    assert h["tokens_seen"][-1] == 30 * 8 * 16
+    assert evaluate(model, loaders()[1], device="cpu") == pytest.approx(h["val_loss"][-1])
+
+
+def test_training_is_deterministic():
+    _, a = run(seed=3, steps=10)
+    _, b = run(seed=3, steps=10)
+    assert a["val_loss"] == b["val_loss"] and a["train_loss"][1:] == b["train_loss"][1:]
+
+
+def test_aux_loss_is_added_and_after_step_is_called():
+    class WithAux(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gpt = GPTModel(TINY)
+            self.aux_loss = None
+
+        def forward(self, idx):
+            self.aux_loss = 0.0 * self.gpt.tok_emb.weight.sum() + 0.25
+            return self.gpt(idx)
+
+    model = WithAux()
+    assert aux_loss(model).item() == 0.0  # nothing stored before a forward pass
+    calls = []
+    h = train(model, *loaders(), max_steps=3, eval_every=3, device="cpu", verbose=False,
+              after_step=lambda m, step: calls.append(step))
+    assert calls == [1, 2, 3]
+    assert h["aux_loss"] == pytest.approx([0.25] * 3)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="max_steps"):
+        train(GPTModel(TINY), *loaders(), max_steps=0)

@@ -1,0 +1,229 @@
+"""A GPT-2-style language model, written out piece by piece.
+
+Shapes: B = batch, T = sequence length, D = emb_dim, H = n_heads, V = vocab_size.
+A model is described by one plain dict, e.g. `GPT_CONFIG_124M` below; every module takes that
+same dict and reads the keys it needs.
+"""
+import math
+
+import torch
+import torch.nn as nn
+
+# The keys a GPT config may have: required ones, then optional ones with their defaults.
+GPT_REQUIRED_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
+GPT_OPTIONAL_KEYS = {
+    "drop_rate": 0.0,        # dropout on embeddings, attention weights and residual branches
+    "qkv_bias": False,       # bias on the query/key/value projections
+    "ffn_hidden_dim": None,  # FeedForward width; None means 4 * emb_dim as in GPT-2
+}
+
+GPT_CONFIG_124M = {
+    "vocab_size": 50257,     # GPT-2 BPE vocabulary
+    "context_length": 1024,  # longest input the positional embedding covers
+    "emb_dim": 768,
+    "n_heads": 12,
+    "n_layers": 12,
+    "drop_rate": 0.1,
+    "qkv_bias": False,
+}
+
+
+def check_config(cfg, required, optional):
+    """Raise a ValueError for a missing required key or a key nobody knows.
+
+    Returns a copy of `cfg` with the optional keys' defaults filled in.
+    """
+    allowed = set(required) | set(optional)
+    unknown = sorted(set(cfg) - allowed)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown}; allowed keys: {sorted(allowed)}")
+    missing = [k for k in required if k not in cfg]
+    if missing:
+        raise ValueError(f"config is missing required key(s) {missing}")
+    return {**optional, **cfg}
+
+
+def check_positive_int(cfg, *keys):
+    for key in keys:
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"config[{key!r}] must be a positive integer, got {value!r}")
+
+
+def validate_gpt_config(cfg, extra_optional=None):
+    """Check a GPT config and return it with defaults filled in.
+
+    `extra_optional` lets a module that extends the model (e.g. the MoE layers) declare its own
+    keys, so that a typo in any key is still caught.
+    """
+    cfg = check_config(cfg, GPT_REQUIRED_KEYS, {**GPT_OPTIONAL_KEYS, **(extra_optional or {})})
+    check_positive_int(cfg, *GPT_REQUIRED_KEYS)
+    if cfg["emb_dim"] % cfg["n_heads"] != 0:
+        raise ValueError(f"emb_dim ({cfg['emb_dim']}) must be divisible by n_heads ({cfg['n_heads']})")
+    if not 0.0 <= cfg["drop_rate"] < 1.0:
+        raise ValueError(f"config['drop_rate'] must be in [0, 1), got {cfg['drop_rate']}")
+    if cfg["ffn_hidden_dim"] is None:
+        cfg["ffn_hidden_dim"] = 4 * cfg["emb_dim"]
+    check_positive_int(cfg, "ffn_hidden_dim")
+    return cfg
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal multi-head self-attention, all heads computed in one batched matmul.
+
+    x: (B, T, D) -> (B, T, D). Position t attends to positions 0..t only.
+    """
+
+    def __init__(self, d_in, d_out, context_length, num_heads, dropout=0.0, qkv_bias=False):
+        super().__init__()
+        if d_out % num_heads != 0:
+            raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.head_dim = d_out // num_heads
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+        self.dropout = nn.Dropout(dropout)
+        # True above the diagonal = "future" positions that must not be seen.
+        mask = torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), diagonal=1)
+        self.register_buffer("mask", mask, persistent=False)
+
+    def split_heads(self, x):
+        """(B, T, H * head_dim) -> (B, H, T, head_dim)"""
+        B, T, _ = x.shape
+        return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x, return_weights=False):
+        B, T, _ = x.shape
+        q = self.split_heads(self.W_query(x))
+        k = self.split_heads(self.W_key(x))
+        v = self.split_heads(self.W_value(x))
+        scores = q @ k.transpose(2, 3) / math.sqrt(self.head_dim)       # (B, H, T, T)
+        scores = scores.masked_fill(self.mask[:T, :T], float("-inf"))
+        weights = torch.softmax(scores, dim=-1)
+        context = self.dropout(weights) @ v                              # (B, H, T, head_dim)
+        out = self.out_proj(context.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
+        return (out, weights) if return_weights else out
+
+
+class LayerNorm(nn.Module):
+    """Normalise each token's vector to mean 0, variance 1, then scale and shift (learned)."""
+
+    def __init__(self, emb_dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x):
+        mean = x.mean(dim=-1, keepdim=True)
+        var = x.var(dim=-1, keepdim=True, unbiased=False)
+        return self.scale * (x - mean) / torch.sqrt(var + self.eps) + self.shift
+
+
+class GELU(nn.Module):
+    """GELU with GPT-2's tanh approximation (what `transformers` calls "gelu_new")."""
+
+    def forward(self, x):
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: D -> ffn_hidden_dim -> D with GELU. x: (B, T, D) -> (B, T, D)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        hidden = cfg.get("ffn_hidden_dim") or 4 * cfg["emb_dim"]
+        self.layers = nn.Sequential(
+            nn.Linear(cfg["emb_dim"], hidden),
+            GELU(),
+            nn.Linear(hidden, cfg["emb_dim"]),
+        )
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + Attn(LN(x)), then x + FFN(LN(x)). x: (B, T, D) -> (B, T, D).
+
+    `ff` is the feed-forward module; the MoE notebooks pass a routed layer instead of FeedForward.
+    """
+
+    def __init__(self, cfg, ff=None):
+        super().__init__()
+        self.att = MultiHeadAttention(
+            d_in=cfg["emb_dim"], d_out=cfg["emb_dim"], context_length=cfg["context_length"],
+            num_heads=cfg["n_heads"], dropout=cfg.get("drop_rate", 0.0), qkv_bias=cfg.get("qkv_bias", False),
+        )
+        self.ff = FeedForward(cfg) if ff is None else ff
+        self.norm1 = LayerNorm(cfg["emb_dim"])
+        self.norm2 = LayerNorm(cfg["emb_dim"])
+        self.drop_resid = nn.Dropout(cfg.get("drop_rate", 0.0))
+
+    def forward(self, x):
+        x = x + self.drop_resid(self.att(self.norm1(x)))
+        x = x + self.drop_resid(self.ff(self.norm2(x)))
+        return x
+
+
+class GPTModel(nn.Module):
+    """Token ids (B, T) -> next-token logits (B, T, vocab_size)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        cfg = validate_gpt_config(cfg)
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
+        self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
+        self.drop_emb = nn.Dropout(cfg["drop_rate"])
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
+        self.final_norm = LayerNorm(cfg["emb_dim"])
+        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
+
+    def forward(self, idx):
+        B, T = idx.shape
+        if T > self.cfg["context_length"]:
+            raise ValueError(f"sequence length {T} exceeds context_length {self.cfg['context_length']}")
+        positions = torch.arange(T, device=idx.device)
+        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(positions))  # (B, T, D)
+        x = self.trf_blocks(x)
+        return self.out_head(self.final_norm(x))                          # (B, T, V)
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=None, generator=None):
+    """Append up to `max_new_tokens` tokens to idx (B, T) and return the longer (B, T') tensor.
+
+    temperature 0 picks the most likely token (greedy). temperature > 0 samples from
+    softmax(logits / temperature), restricted to the `top_k` most likely tokens when given.
+    Stops early when every sequence has produced `eos_id`. Pass a seeded `torch.Generator`
+    for reproducible samples.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and not 1 <= top_k <= model.cfg["vocab_size"]:
+        raise ValueError(f"top_k must be in [1, vocab_size={model.cfg['vocab_size']}], got {top_k}")
+    was_training = model.training
+    model.eval()
+    context_length = model.cfg["context_length"]
+    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    for _ in range(max_new_tokens):
+        logits = model(idx[:, -context_length:])[:, -1, :]               # (B, V)
+        if temperature == 0.0:
+            next_id = logits.argmax(dim=-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k is not None:
+                kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth_best, float("-inf"))
+            probs = torch.softmax(logits, dim=-1)
+            next_id = torch.multinomial(probs, num_samples=1, generator=generator)
+        idx = torch.cat([idx, next_id], dim=1)
+        if eos_id is not None:
+            finished |= next_id.squeeze(1) == eos_id
+            if finished.all():
+                break
+    model.train(was_training)
+    return idx

@@ -1,0 +1,133 @@
+"""A small, complete training loop: AdamW, warmup + cosine learning rate, gradient clipping,
+periodic validation, and a history dict to plot.
+
+Works for any model that maps token ids (B, T) to logits (B, T, V). Modules that add a loss term of
+their own (the MoE load-balancing losses of later notebooks) expose it as `module.aux_loss`
+after each forward pass; `train` adds those terms to the language-model loss.
+"""
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def get_device():
+    """The best available device: CUDA, then Apple's MPS, then the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def lm_loss(logits, targets):
+    """Mean next-token cross-entropy. logits: (B, T, V), targets: (B, T)."""
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def aux_loss(model):
+    """Sum of the `aux_loss` tensors that modules stored during the last forward pass (0 if none)."""
+    terms = [m.aux_loss for m in model.modules() if getattr(m, "aux_loss", None) is not None]
+    return sum(terms) if terms else torch.zeros(())
+
+
+def lr_at(step, max_steps, peak_lr, warmup_steps, min_lr):
+    """Linear warmup from 0 to peak_lr over warmup_steps, then cosine decay to min_lr at max_steps."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr + 0.5 * (peak_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def evaluate(model, loader, max_batches=None, device=None):
+    """Mean language-model loss over (up to max_batches of) a loader, in eval mode."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for i, (x, y) in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        total += lm_loss(model(x.to(device)), y.to(device)).item()
+        n += 1
+    model.train(was_training)
+    if n == 0:
+        raise ValueError("the validation loader produced no batches")
+    return total / n
+
+
+def _batches(loader):
+    """Loop over the loader forever (a new shuffled epoch each time round)."""
+    while True:
+        yield from loader
+
+
+def train(model, train_loader, val_loader, max_steps, peak_lr=1e-3, min_lr=None, warmup_steps=None,
+          weight_decay=0.1, grad_clip=1.0, eval_every=50, eval_batches=None, device=None, seed=0,
+          after_step=None, verbose=True):
+    """Train `model` for `max_steps` optimizer steps and return a history dict.
+
+    history["step"], ["val_loss"], ["train_loss"], ["tokens_seen"] hold one entry per evaluation
+    (every `eval_every` steps, plus step 0 before training and the last step); train_loss is the
+    mean LM loss since the previous evaluation. history["lr"] has one entry per step.
+    `after_step(model, step)` is called after every optimizer step (e.g. to update router biases).
+    """
+    if max_steps <= 0 or eval_every <= 0:
+        raise ValueError(f"max_steps and eval_every must be positive, got {max_steps}, {eval_every}")
+    device = torch.device(device) if device is not None else get_device()
+    torch.manual_seed(seed)  # dropout masks
+    model.to(device).train()
+    min_lr = 0.1 * peak_lr if min_lr is None else min_lr
+    warmup_steps = max(1, max_steps // 20) if warmup_steps is None else warmup_steps
+    # Weight decay on matrices only; biases and norm scales are not decayed.
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+        lr=peak_lr, betas=(0.9, 0.95),
+    )
+    history = {"step": [], "train_loss": [], "val_loss": [], "tokens_seen": [], "lr": [], "aux_loss": []}
+    tokens_seen, running, running_n = 0, 0.0, 0
+    start = time.perf_counter()
+
+    def log_eval(step):
+        val = evaluate(model, val_loader, eval_batches, device)
+        train_mean = running / running_n if running_n else float("nan")
+        history["step"].append(step)
+        history["val_loss"].append(val)
+        history["train_loss"].append(train_mean)
+        history["tokens_seen"].append(tokens_seen)
+        if verbose:
+            elapsed = time.perf_counter() - start
+            print(f"step {step:5d}/{max_steps} | train {train_mean:6.3f} | val {val:6.3f} | "
+                  f"lr {history['lr'][-1] if history['lr'] else 0:.1e} | {elapsed:6.1f}s", flush=True)
+
+    log_eval(0)
+    batches = _batches(train_loader)
+    for step in range(1, max_steps + 1):
+        lr = lr_at(step - 1, max_steps, peak_lr, warmup_steps, min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = next(batches)
+        x, y = x.to(device), y.to(device)
+        loss = lm_loss(model(x), y)
+        extra = aux_loss(model)
+        optimizer.zero_grad(set_to_none=True)
+        (loss + extra).backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        if after_step is not None:
+            after_step(model, step)
+        tokens_seen += x.numel()
+        running += loss.item()
+        running_n += 1
+        history["lr"].append(lr)
+        history["aux_loss"].append(float(extra.detach()))
+        if step % eval_every == 0 or step == max_steps:
+            log_eval(step)
+            running, running_n = 0.0, 0
+    history["seconds"] = time.perf_counter() - start
+    return history
