@@ -136,3 +136,10 @@ class CompactVocab:
     def decode(self, compact_ids):
         """Compact ids (any shape) -> GPT-2 ids, ready for tokenizer.decode."""
         return self.gpt2_ids[torch.as_tensor(compact_ids, dtype=torch.long)]
+
+
+def load_compact_splits(tokenizer, val_fraction=0.1):
+    """(vocab, train_ids, val_ids): the corpus splits renumbered with a CompactVocab of the whole corpus."""
+    train_ids, val_ids = load_token_splits(tokenizer, val_fraction)
+    vocab = CompactVocab(torch.cat([train_ids, val_ids]))
+    return vocab, vocab.encode(train_ids), vocab.encode(val_ids)
