@@ -169,16 +169,30 @@ class TransformerBlock(nn.Module):
 
 
 class GPTModel(nn.Module):
-    """Token ids (B, T) -> next-token logits (B, T, vocab_size)."""
+    """Token ids (B, T) -> next-token logits (B, T, vocab_size).
+
+    With cfg["num_experts"] > 0, the feed-forward of every `moe_every_n_layers`-th block is a routed
+    Mixture of Experts (utils/moe.py); otherwise every block has the dense FeedForward.
+    """
 
     def __init__(self, cfg):
         super().__init__()
-        cfg = validate_gpt_config(cfg)
+        # Imported here, not at the top, because moe.py itself imports this module.
+        from .moe import MOE_OPTIONAL_KEYS, MoEFeedForward, validate_moe_config
+
+        cfg = validate_gpt_config(cfg, extra_optional=MOE_OPTIONAL_KEYS)
+        if cfg["num_experts"] > 0:
+            cfg = validate_moe_config(cfg)
         self.cfg = cfg
+
+        def feedforward(layer):
+            is_moe = cfg["num_experts"] > 0 and (layer + 1) % cfg["moe_every_n_layers"] == 0
+            return MoEFeedForward(cfg) if is_moe else FeedForward(cfg)
+
         self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
         self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
         self.drop_emb = nn.Dropout(cfg["drop_rate"])
-        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg, feedforward(i)) for i in range(cfg["n_layers"])])
         self.final_norm = LayerNorm(cfg["emb_dim"])
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
 

@@ -1,0 +1,47 @@
+"""Course conventions: every notebook is set up the same way, listed in the README, and clean."""
+import json
+import re
+
+from utils.course import ROOT, colab_url, notebook_paths, setup_cell_source, sync
+
+NOTEBOOKS = notebook_paths()
+
+
+def test_notebooks_are_numbered_in_order():
+    numbers = [int(p.name[:2]) for p in NOTEBOOKS]
+    assert numbers == list(range(1, len(numbers) + 1))
+
+
+def test_setup_cells_and_readme_links_are_in_sync():
+    assert sync(check=True) == [], "run `python -m utils.course` to regenerate them"
+
+
+def test_every_notebook_is_in_the_readme_with_a_colab_badge():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert readme.startswith("# ")
+    first_commands = [line for line in readme.splitlines() if line.startswith("pip install")][:2]
+    assert first_commands == ["pip install -r requirements.txt && jupyter lab notebooks/",
+                              "pip install -r requirements.txt && pytest"]
+    for path in NOTEBOOKS:
+        assert f"(notebooks/{path.name})" in readme, path.name
+        assert colab_url(path.name) in readme, path.name
+
+
+def test_readme_figures_exist():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    figures = re.findall(r"\]\((figures/[^)]+\.png)\)", readme)
+    assert figures
+    for fig in figures:
+        assert (ROOT / fig).is_file(), fig
+
+
+def test_notebooks_are_executed_clean_and_portable():
+    for path in NOTEBOOKS:
+        nb = json.loads(path.read_text(encoding="utf-8"))
+        code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+        assert "".join(code[0]["source"]) == setup_cell_source()
+        counts = [c["execution_count"] for c in code]
+        assert counts == list(range(1, len(code) + 1)), f"{path.name}: restart and run all before saving"
+        assert not any(o.get("output_type") == "error" for c in code for o in c["outputs"]), path.name
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"/(work|root|home|tmp|Users)/\w", text), f"{path.name}: absolute path"

@@ -1,0 +1,200 @@
+import math
+
+import pytest
+import torch
+
+from utils.gpt import GPTModel
+from utils.moe import (Experts, MoEFeedForward, TopKRouter, capacity_keep_mask, dispatch_loop,
+                       dispatch_sorted, load_balancing_loss, moe_layers, router_z_loss)
+from utils.train import aux_loss
+
+MOE = {"emb_dim": 16, "num_experts": 6, "num_experts_per_tok": 2, "moe_hidden_dim": 24}
+
+
+def make(seed=0, **changes):
+    torch.manual_seed(seed)
+    return MoEFeedForward({**MOE, **changes})
+
+
+def test_shape_and_aux_loss():
+    moe = make()
+    x = torch.randn(3, 5, 16)
+    assert moe(x).shape == (3, 5, 16)
+    assert moe.aux_loss.shape == () and moe.aux_loss.requires_grad
+    stats = moe.last_routing
+    assert stats["tokens_per_expert"].sum() == 3 * 5 * 2
+    assert stats["topk_idx"].shape == (15, 2)
+    assert stats["load_imbalance"] >= 1.0 and stats["dropped_fraction"] == 0.0
+    assert 0 < stats["router_entropy"] <= math.log(6) + 1e-6
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"num_experts_per_tok": 7}, "num_experts_per_tok"),
+    ({"num_experts": 0}, "num_experts"),
+    ({"moe_hidden_dim": None}, "moe_hidden_dim"),
+    ({"expert_type": "relu"}, "expert_type"),
+    ({"moe_dispatch": "fast"}, "moe_dispatch"),
+    ({"capacity_factor": 0}, "capacity_factor"),
+    ({"aux_loss_coef": -1}, "aux_loss_coef"),
+])
+def test_bad_configs_raise(bad, message):
+    with pytest.raises(ValueError, match=message):
+        MoEFeedForward({**MOE, **bad})
+
+
+def test_unknown_key_in_gpt_config_raises():
+    cfg = {"vocab_size": 50, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 2, **MOE}
+    GPTModel(cfg)
+    with pytest.raises(ValueError, match="unknown config key"):
+        GPTModel({**cfg, "num_expert": 4})
+
+
+def test_renormalised_softmax_equals_softmax_over_topk_logits():
+    torch.manual_seed(0)
+    router = TopKRouter(16, 8, 3, norm_topk_prob=True)
+    x = torch.randn(20, 16)
+    logits, probs, idx, weight = router(x)
+    assert torch.allclose(weight, torch.softmax(logits.gather(1, idx), dim=-1), atol=1e-6)
+    assert torch.allclose(weight.sum(-1), torch.ones(20))
+
+
+def test_router_runs_in_float32():
+    router = TopKRouter(16, 4, 2).to(torch.bfloat16)
+    logits, probs, _, weight = router(torch.randn(5, 16, dtype=torch.bfloat16))
+    assert logits.dtype == probs.dtype == weight.dtype == torch.float32
+
+
+def test_unnormalised_gates_are_the_top_k_probabilities():
+    torch.manual_seed(0)
+    router = TopKRouter(16, 8, 2, norm_topk_prob=False)
+    _, probs, idx, weight = router(torch.randn(10, 16))
+    assert torch.equal(weight, probs.gather(1, idx))
+    assert torch.all(weight.sum(-1) < 1)
+
+
+@pytest.mark.parametrize("expert_type", ["gelu", "swiglu"])
+def test_loop_and_sorted_dispatch_agree_in_outputs_and_gradients(expert_type):
+    x = torch.randn(4, 7, 16).abs()
+    outs, grads = [], []
+    for dispatch in ("loop", "sorted"):
+        moe = make(expert_type=expert_type, moe_dispatch=dispatch)
+        # Make expert 5 unreachable: with positive inputs, experts 0-4 get positive logits and
+        # expert 5 gets 0, so it never makes the top 2.
+        with torch.no_grad():
+            moe.router.gate.weight.abs_()
+            moe.router.gate.weight[5] = 0.0
+        xi = x.clone().requires_grad_(True)
+        y = moe(xi)
+        (y.pow(2).sum() + moe.aux_loss).backward()
+        assert moe.last_routing["tokens_per_expert"][5] == 0
+        outs.append(y)
+        grads.append([xi.grad] + [p.grad if p.grad is not None else torch.zeros_like(p) for p in moe.parameters()])
+    assert torch.allclose(outs[0], outs[1], atol=1e-6)
+    for g_loop, g_sorted in zip(*grads):
+        assert torch.allclose(g_loop, g_sorted, atol=1e-5)
+
+
+def test_dispatch_functions_handle_no_assignments():
+    experts = Experts(3, 8, 12)
+    x = torch.randn(4, 8)
+    empty = torch.zeros(0, dtype=torch.long)
+    for dispatch in (dispatch_loop, dispatch_sorted):
+        assert torch.equal(dispatch(x, empty, empty, torch.zeros(0), experts), torch.zeros(4, 8))
+
+
+def test_moe_with_one_expert_is_a_dense_mlp():
+    moe = make(num_experts=1, num_experts_per_tok=1)
+    x = torch.randn(2, 3, 16)
+    e = moe.experts
+    dense = torch.nn.functional.gelu(x @ e.w_in[0].T + e.b_in[0], approximate="tanh") @ e.w_out[0].T + e.b_out[0]
+    assert torch.allclose(moe(x), dense, atol=1e-5)
+
+
+def test_matches_transformers_mixtral_sparse_moe_block():
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    D, H, E, k = 32, 48, 8, 2
+    ours = make(seed=1, emb_dim=D, moe_hidden_dim=H, num_experts=E, num_experts_per_tok=k,
+                expert_type="swiglu", norm_topk_prob=True).eval()
+    theirs = MixtralSparseMoeBlock(MixtralConfig(hidden_size=D, intermediate_size=H, num_local_experts=E,
+                                                 num_experts_per_tok=k, router_jitter_noise=0.0)).eval()
+    with torch.no_grad():
+        theirs.gate.weight.copy_(ours.router.gate.weight)
+        # transformers fuses gate and up projections: the first half of gate_up_proj is the gate.
+        theirs.experts.gate_up_proj.copy_(torch.cat([ours.experts.w_gate, ours.experts.w_in], dim=1))
+        theirs.experts.down_proj.copy_(ours.experts.w_out)
+    x = torch.randn(3, 10, D)
+    with torch.no_grad():
+        expected = theirs(x)
+        expected = expected[0] if isinstance(expected, tuple) else expected
+        for dispatch in ("sorted", "loop"):
+            ours.dispatch = {"sorted": dispatch_sorted, "loop": dispatch_loop}[dispatch]
+            assert torch.allclose(ours(x), expected, atol=1e-5), dispatch
+
+
+def test_load_balancing_loss_values_and_transformers_convention():
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    E, k = 4, 2
+    uniform = torch.full((8, E), 1 / E)
+    idx = torch.tensor([[0, 1], [2, 3]] * 4)
+    assert load_balancing_loss(uniform, idx) == pytest.approx(1.0)
+    collapsed = torch.tensor([[1.0, 0, 0, 0]]).repeat(8, 1)
+    assert load_balancing_loss(collapsed, torch.zeros(8, 1, dtype=torch.long)) == pytest.approx(E)
+    # transformers normalises the counts by tokens, not by assignments: its value is k times ours.
+    logits = torch.randn(50, E)
+    probs = torch.softmax(logits, -1)
+    ours = load_balancing_loss(probs, torch.topk(probs, k, -1).indices)
+    assert load_balancing_loss_func((logits,), E, k) == pytest.approx(k * ours.item(), rel=1e-5)
+
+
+def test_z_loss():
+    logits = torch.zeros(3, 4)
+    assert router_z_loss(logits) == pytest.approx(math.log(4) ** 2)
+
+
+def test_capacity_priority_and_dropping():
+    # 4 tokens, k=2, 2 experts, capacity 3: all first choices fit, then second choices in token order.
+    idx = torch.tensor([[0, 1], [0, 1], [0, 1], [1, 0]])
+    keep = capacity_keep_mask(idx, num_experts=2, capacity=3)
+    assert keep.tolist() == [[True, True], [True, True], [True, False], [True, False]]
+
+
+def test_capacity_factor_drops_and_dropped_tokens_get_zero_output():
+    x = torch.randn(2, 16, 16)
+    dropless = make()(x)
+    roomy = make(capacity_factor=100.0)
+    assert torch.allclose(roomy(x), dropless, atol=1e-6) and roomy.last_routing["dropped_fraction"] == 0
+    tight = make(num_experts_per_tok=1, capacity_factor=0.25)
+    y = tight(x)
+    stats = tight.last_routing
+    cap = tight.capacity(32)
+    assert cap == math.ceil(0.25 * 32 * 1 / 6)
+    assert stats["tokens_per_expert"].max() <= cap
+    assert stats["dropped_fraction"] == pytest.approx(1 - stats["tokens_per_expert"].sum().item() / 32)
+    zero_rows = (y.reshape(32, 16).abs().sum(-1) == 0).float().mean().item()
+    assert zero_rows == pytest.approx(stats["dropped_fraction"])  # k=1: a dropped token outputs 0
+
+
+def count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_gpt_with_moe_layers(every):
+    cfg = {"vocab_size": 50, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 4,
+           **MOE, "moe_every_n_layers": every}
+    torch.manual_seed(0)
+    model = GPTModel(cfg)
+    dense = GPTModel({k: v for k, v in cfg.items() if k in
+                      ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")})
+    layers = moe_layers(model)
+    assert len(layers) == 4 // every
+    D, H, E = 16, 24, 6
+    per_moe = E * (D * H + H + H * D + D) + D * E
+    per_ffn = count(dense.trf_blocks[0].ff)
+    assert count(model) == count(dense) + len(layers) * (per_moe - per_ffn)
+    logits = model(torch.randint(0, 50, (2, 8)))
+    assert logits.shape == (2, 8, 50)
+    assert aux_loss(model) > 0
