@@ -78,3 +78,15 @@ def test_compact_vocab_round_trip():
     assert torch.equal(vocab.decode(compact), ids)
     with pytest.raises(ValueError, match="not in the vocabulary"):
         vocab.encode(torch.tensor([12]))
+
+
+def test_capped_vocab_keeps_the_most_frequent_tokens():
+    ids = torch.tensor([7, 7, 7, 3, 3, 9, 11, 50256, 50256, 50256, 50256])
+    vocab = CompactVocab(ids, max_size=3)
+    assert len(vocab) == 3 and vocab.rare_id == 2
+    assert vocab.encode(torch.tensor([50256, 7, 3, 9, 12])).tolist() == [1, 0, 2, 2, 2]
+    assert vocab.decode(torch.tensor([0, 1, 2])).tolist() == [7, 50256, CompactVocab.RARE_DECODES_TO]
+    assert vocab.coverage(ids) == pytest.approx(7 / 11)
+    assert len(CompactVocab(ids, max_size=100)) == 5  # larger than needed: no rare id
+    with pytest.raises(ValueError, match="max_size"):
+        CompactVocab(ids, max_size=1)

@@ -113,33 +113,61 @@ class CompactVocab:
     Tokenization is unchanged (same BPE pieces); only the numbering is. A model trained on the
     compact ids needs an embedding table and output layer of n rows instead of 50,257, which on a
     CPU is most of the training time for a small model. Build it from every token id of the corpus.
+
+    With `max_size`, only the max_size - 1 most frequent ids are kept and every other id maps to one
+    shared "rare token" id (the last one, `rare_id`), which decodes to the replacement character.
     """
 
-    def __init__(self, token_ids):
-        self.gpt2_ids = torch.unique(torch.as_tensor(token_ids, dtype=torch.long))  # sorted
-        self._to_compact = torch.full((int(self.gpt2_ids.max()) + 1,), -1, dtype=torch.long)
-        self._to_compact[self.gpt2_ids] = torch.arange(len(self.gpt2_ids))
+    RARE_DECODES_TO = 4210  # GPT-2's id of "\ufffd", the Unicode replacement character
+
+    def __init__(self, token_ids, max_size=None):
+        token_ids = torch.as_tensor(token_ids, dtype=torch.long)
+        used = torch.unique(token_ids)                                    # sorted
+        self.rare_id = None
+        if max_size is not None and max_size < len(used) + 1:
+            if max_size < 2:
+                raise ValueError(f"max_size must be at least 2, got {max_size}")
+            counts = torch.bincount(token_ids)[used]
+            by_frequency = used[torch.argsort(counts, descending=True, stable=True)]
+            used = torch.sort(by_frequency[:max_size - 1]).values
+            self.rare_id = max_size - 1
+        self.gpt2_ids = used
+        self._to_compact = torch.full((int(token_ids.max()) + 1,), -1, dtype=torch.long)
+        self._to_compact[used] = torch.arange(len(used))
 
     def __len__(self):
-        return len(self.gpt2_ids)
+        return len(self.gpt2_ids) + (self.rare_id is not None)
 
     def encode(self, gpt2_ids):
-        """GPT-2 ids (any shape) -> compact ids; a ValueError for an id the corpus never used."""
+        """GPT-2 ids (any shape) -> compact ids. An id outside the vocabulary becomes `rare_id`,
+        or raises a ValueError when the vocabulary has no rare id."""
         gpt2_ids = torch.as_tensor(gpt2_ids, dtype=torch.long)
         out_of_range = gpt2_ids >= len(self._to_compact)
         compact = self._to_compact[gpt2_ids.clamp(max=len(self._to_compact) - 1)]
         unknown = out_of_range | (compact < 0)
         if unknown.any():
-            raise ValueError(f"GPT-2 id(s) {gpt2_ids[unknown].unique()[:5].tolist()} are not in the vocabulary")
+            if self.rare_id is None:
+                raise ValueError(f"GPT-2 id(s) {gpt2_ids[unknown].unique()[:5].tolist()} are not in the vocabulary")
+            compact = compact.masked_fill(unknown, self.rare_id)
         return compact
 
     def decode(self, compact_ids):
         """Compact ids (any shape) -> GPT-2 ids, ready for tokenizer.decode."""
-        return self.gpt2_ids[torch.as_tensor(compact_ids, dtype=torch.long)]
+        compact_ids = torch.as_tensor(compact_ids, dtype=torch.long)
+        table = self.gpt2_ids
+        if self.rare_id is not None:
+            table = torch.cat([table, torch.tensor([self.RARE_DECODES_TO])])
+        return table[compact_ids]
+
+    def coverage(self, gpt2_ids):
+        """Share of the given GPT-2 ids that the vocabulary keeps (1.0 without max_size)."""
+        compact = self.encode(gpt2_ids)
+        return 1.0 if self.rare_id is None else (compact != self.rare_id).float().mean().item()
 
 
-def load_compact_splits(tokenizer, val_fraction=0.1):
-    """(vocab, train_ids, val_ids): the corpus splits renumbered with a CompactVocab of the whole corpus."""
+def load_compact_splits(tokenizer, val_fraction=0.1, max_vocab=None):
+    """(vocab, train_ids, val_ids): the corpus splits renumbered with a CompactVocab of the whole
+    corpus (of at most `max_vocab` entries, the last one for all rarer tokens)."""
     train_ids, val_ids = load_token_splits(tokenizer, val_fraction)
-    vocab = CompactVocab(torch.cat([train_ids, val_ids]))
+    vocab = CompactVocab(torch.cat([train_ids, val_ids]), max_size=max_vocab)
     return vocab, vocab.encode(train_ids), vocab.encode(val_ids)

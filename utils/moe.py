@@ -128,28 +128,41 @@ class Experts(nn.Module):
     def num_experts(self):
         return self.w_in.shape[0]
 
-    def forward(self, e, x):
-        """Run expert e on its tokens. x: (n, D) -> (n, D)."""
+    def forward(self, inputs):
+        """Run every expert on its own tokens.
+
+        inputs: a list of E tensors, inputs[e] of shape (n_e, D) (n_e may be 0) -> a list of E
+        tensors of the same shapes. Slicing the stacked weights with unbind, once, keeps the
+        backward pass to one gradient tensor per weight instead of one full-size one per expert.
+        """
+        E = self.num_experts
+        w_in, w_out = self.w_in.unbind(0), self.w_out.unbind(0)
+        w_gate = self.w_gate.unbind(0) if self.w_gate is not None else [None] * E
+        b_in = self.b_in.unbind(0) if self.b_in is not None else [None] * E
+        b_out = self.b_out.unbind(0) if self.b_out is not None else [None] * E
+        return [self.mlp(x, w_in[e], w_out[e], w_gate[e], b_in[e], b_out[e]) if x.shape[0] else x
+                for e, x in enumerate(inputs)]
+
+    def mlp(self, x, w_in, w_out, w_gate=None, b_in=None, b_out=None):
+        """One expert's MLP on x: (..., D) -> (..., D)."""
         if self.expert_type == "swiglu":
-            h = F.silu(F.linear(x, self.w_gate[e])) * F.linear(x, self.w_in[e])
-            return F.linear(h, self.w_out[e])
-        h = self.act(F.linear(x, self.w_in[e], self.b_in[e]))
-        return F.linear(h, self.w_out[e], self.b_out[e])
+            h = F.silu(F.linear(x, w_gate)) * F.linear(x, w_in)
+        else:
+            h = self.act(F.linear(x, w_in, b_in))
+        return F.linear(h, w_out, b_out)
 
 
 def dispatch_loop(x, token_idx, expert_idx, weight, experts):
-    """Reference dispatch: for each expert, select its tokens with a mask, run it, add back.
+    """Reference dispatch: for each expert, select its assignments with a mask, run it, add back.
 
     x: (N, D); token_idx, expert_idx, weight: (A,) one entry per (token, expert) assignment.
     Returns (N, D) = sum over a token's assignments of weight * expert(x_token).
     """
+    masks = [expert_idx == e for e in range(experts.num_experts)]
+    outputs = experts([x[token_idx[mask]] for mask in masks])
     out = torch.zeros_like(x)
-    for e in range(experts.num_experts):
-        mine = expert_idx == e
-        if mine.any():
-            tokens = token_idx[mine]
-            y = experts(e, x[tokens]) * weight[mine, None].to(x.dtype)
-            out.index_add_(0, tokens, y)
+    for mask, y in zip(masks, outputs):
+        out.index_add_(0, token_idx[mask], y * weight[mask, None].to(x.dtype))
     return out
 
 
@@ -160,13 +173,11 @@ def dispatch_sorted(x, token_idx, expert_idx, weight, experts):
     per-expert mask or search), and one index_add scatters the weighted outputs back. Same
     arguments and result as dispatch_loop.
     """
-    if expert_idx.numel() == 0:  # e.g. every assignment dropped by the capacity limit
-        return torch.zeros_like(x)
     order = torch.argsort(expert_idx, stable=True)
     counts = torch.bincount(expert_idx, minlength=experts.num_experts).tolist()
     tokens = token_idx[order]
-    slices = torch.split(x[tokens], counts)                              # per expert: (n_e, D)
-    y = torch.cat([experts(e, s) for e, s in enumerate(slices) if counts[e] > 0])
+    x_sorted = torch.index_select(x, 0, tokens)                          # (A, D), grouped by expert
+    y = torch.cat(experts(list(torch.split(x_sorted, counts))))          # (A, D)
     y = y * weight[order, None].to(x.dtype)
     return torch.zeros_like(x).index_add_(0, tokens, y)
 
@@ -245,8 +256,9 @@ class MoEFeedForward(nn.Module):
         keep_flat = keep.reshape(-1)
         out = self.dispatch(flat, token_idx[keep_flat], topk_idx.reshape(-1)[keep_flat],
                             topk_weight.reshape(-1)[keep_flat], self.experts)
-        self.aux_loss = (self.aux_loss_coef * load_balancing_loss(probs, topk_idx)
-                         + self.z_loss_coef * router_z_loss(logits))
+        self.aux_loss = self.aux_loss_coef * load_balancing_loss(probs, topk_idx)
+        if self.z_loss_coef > 0:
+            self.aux_loss = self.aux_loss + self.z_loss_coef * router_z_loss(logits)
         self.last_routing = routing_stats(probs, topk_idx, keep)
         return out.reshape(B, T, D)
 
@@ -276,3 +288,41 @@ def routing_stats(probs, topk_idx, keep=None):
 def moe_layers(model):
     """The MoEFeedForward modules of a model, in order."""
     return [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+
+
+@torch.no_grad()
+def expert_load(model, token_ids, context_length, batch_size=8):
+    """Assignments per expert per MoE layer over a token stream: a (layers, E) tensor of counts.
+
+    Runs the model in eval mode over non-overlapping windows of `token_ids` (1-D).
+    """
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError("the model has no MoE layers")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    n = (len(token_ids) - 1) // context_length
+    windows = token_ids[:n * context_length].view(n, context_length)
+    counts = torch.zeros(len(layers), layers[0].num_experts, dtype=torch.long)
+    for batch in windows.split(batch_size):
+        model(batch.to(device))
+        counts += torch.stack([layer.last_routing["tokens_per_expert"].cpu() for layer in layers])
+    model.train(was_training)
+    return counts
+
+
+class LoadRecorder:
+    """An `after_step` callback for utils.train.train that keeps every step's expert load.
+
+    After training, `loads()` is a (steps, layers, E) tensor of assignment counts.
+    """
+
+    def __init__(self):
+        self.history = []
+
+    def __call__(self, model, step):
+        self.history.append(torch.stack([m.last_routing["tokens_per_expert"].cpu() for m in moe_layers(model)]))
+
+    def loads(self):
+        return torch.stack(self.history)
