@@ -36,6 +36,14 @@ def test_shape_and_aux_loss():
     ({"moe_dispatch": "fast"}, "moe_dispatch"),
     ({"capacity_factor": 0}, "capacity_factor"),
     ({"aux_loss_coef": -1}, "aux_loss_coef"),
+    ({"router_type": "tanh"}, "router_type"),
+    ({"n_group": 4}, "n_group"),
+    ({"n_group": 3, "topk_group": 4}, "topk_group"),
+    ({"n_group": 3, "topk_group": 1, "num_experts_per_tok": 3}, "topk_group"),
+    ({"routed_scaling_factor": 0}, "routed_scaling_factor"),
+    ({"num_shared_experts": -1}, "num_shared_experts"),
+    ({"latent_dim": 0}, "latent_dim"),
+    ({"bias_update_rate": -0.1}, "bias_update_rate"),
 ])
 def test_bad_configs_raise(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -53,21 +61,21 @@ def test_renormalised_softmax_equals_softmax_over_topk_logits():
     torch.manual_seed(0)
     router = TopKRouter(16, 8, 3, norm_topk_prob=True)
     x = torch.randn(20, 16)
-    logits, probs, idx, weight = router(x)
+    logits, scores, probs, idx, weight = router(x)
     assert torch.allclose(weight, torch.softmax(logits.gather(1, idx), dim=-1), atol=1e-6)
     assert torch.allclose(weight.sum(-1), torch.ones(20))
 
 
 def test_router_runs_in_float32():
     router = TopKRouter(16, 4, 2).to(torch.bfloat16)
-    logits, probs, _, weight = router(torch.randn(5, 16, dtype=torch.bfloat16))
-    assert logits.dtype == probs.dtype == weight.dtype == torch.float32
+    logits, scores, probs, _, weight = router(torch.randn(5, 16, dtype=torch.bfloat16))
+    assert logits.dtype == scores.dtype == probs.dtype == weight.dtype == torch.float32
 
 
 def test_unnormalised_gates_are_the_top_k_probabilities():
     torch.manual_seed(0)
     router = TopKRouter(16, 8, 2, norm_topk_prob=False)
-    _, probs, idx, weight = router(torch.randn(10, 16))
+    _, _, probs, idx, weight = router(torch.randn(10, 16))
     assert torch.equal(weight, probs.gather(1, idx))
     assert torch.all(weight.sum(-1) < 1)
 

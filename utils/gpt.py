@@ -178,7 +178,7 @@ class GPTModel(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         # Imported here, not at the top, because moe.py itself imports this module.
-        from .moe import MOE_OPTIONAL_KEYS, MoEFeedForward, validate_moe_config
+        from .moe import MOE_OPTIONAL_KEYS, make_moe, validate_moe_config
 
         cfg = validate_gpt_config(cfg, extra_optional=MOE_OPTIONAL_KEYS)
         if cfg["num_experts"] > 0:
@@ -187,7 +187,7 @@ class GPTModel(nn.Module):
 
         def feedforward(layer):
             is_moe = cfg["num_experts"] > 0 and (layer + 1) % cfg["moe_every_n_layers"] == 0
-            return MoEFeedForward(cfg) if is_moe else FeedForward(cfg)
+            return make_moe(cfg) if is_moe else FeedForward(cfg)
 
         self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
         self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])

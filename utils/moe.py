@@ -11,12 +11,26 @@ H = moe_hidden_dim, A = number of (token, expert) assignments (N*k, fewer if som
 Config keys (in the same dict as the GPT's keys; see MOE_OPTIONAL_KEYS for the defaults):
     num_experts, num_experts_per_tok, moe_hidden_dim   the size of the layer
     expert_type          "gelu": Linear+GELU+Linear with biases, the course's FeedForward shape;
-                         "swiglu": W2(silu(W1 x) * W3 x), no biases (Mixtral, Qwen, DeepSeek)
+                         "swiglu": W2(silu(W1 x) * W3 x), no biases (Mixtral, Qwen, DeepSeek);
+                         "relu2": W2 relu(W1 x)^2, no biases (Nemotron)
+    router_type          "softmax" (Mixtral, Qwen) or "sigmoid" (DeepSeek-V3) affinity scores
     norm_topk_prob       renormalise the k gate weights to sum to 1 (Mixtral: yes; Qwen1.5-MoE: no)
+    routed_scaling_factor  multiplies the gate weights (DeepSeek-V3: 2.5)
+    n_group, topk_group  group-limited routing: experts form n_group groups, and each token picks
+                         its experts only from its topk_group best groups (DeepSeek-V3: 8 and 4)
+    bias_update_rate     auxiliary-loss-free balancing: after each optimizer step,
+                         expert_bias += rate * sign(mean load - load); the bias only affects which
+                         experts are selected, never the gate weights (DeepSeek-V3: 0.001)
     aux_loss_coef        weight of the Switch-Transformer load-balancing loss
+    seq_aux_loss_coef    weight of DeepSeek-V3's sequence-wise balance loss
     z_loss_coef          weight of the ST-MoE router z-loss
     capacity_factor      None: dropless. A number c: each expert takes at most ceil(c * N * k / E)
                          assignments per batch; the rest are dropped (the token keeps its residual)
+    num_shared_experts   always-active experts of width moe_hidden_dim (DeepSeekMoE), added to the
+                         routed output; stored as one MLP of width num_shared_experts * moe_hidden_dim
+                         (the same function), or of width shared_expert_hidden_dim when given
+    shared_expert_gate   scale the shared expert by sigmoid(Linear(D, 1)(x)) (Qwen1.5/Qwen2-MoE)
+    latent_dim           LatentMoE: the experts work in this smaller dimension (None: plain MoE)
     moe_dispatch         "sorted" (fast, default) or "loop" (the readable reference); same results
     moe_every_n_layers   in GPTModel, layer i (0-based) is an MoE layer when (i + 1) % n == 0
 """
@@ -33,15 +47,34 @@ MOE_OPTIONAL_KEYS = {
     "num_experts_per_tok": 2,
     "moe_hidden_dim": None,      # required when num_experts > 0
     "expert_type": "gelu",
+    "router_type": "softmax",
     "norm_topk_prob": True,
+    "routed_scaling_factor": 1.0,
+    "n_group": 1,
+    "topk_group": 1,
+    "bias_update_rate": 0.0,
     "aux_loss_coef": 0.01,
+    "seq_aux_loss_coef": 0.0,
     "z_loss_coef": 0.0,
     "capacity_factor": None,
+    "num_shared_experts": 0,
+    "shared_expert_hidden_dim": None,
+    "shared_expert_gate": False,
+    "latent_dim": None,
     "moe_dispatch": "sorted",
     "moe_every_n_layers": 1,
 }
-EXPERT_TYPES = ("gelu", "swiglu")
+EXPERT_TYPES = ("gelu", "swiglu", "relu2")
+ROUTER_TYPES = ("softmax", "sigmoid")
 DISPATCH_MODES = ("sorted", "loop")
+
+
+def _check_number(cfg, key, minimum, strict):
+    value = cfg[key]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        value > minimum if strict else value >= minimum)
+    if not ok:
+        raise ValueError(f"config[{key!r}] must be a number {'>' if strict else '>='} {minimum}, got {value!r}")
 
 
 def validate_moe_config(cfg):
@@ -50,51 +83,101 @@ def validate_moe_config(cfg):
     if "emb_dim" not in cfg:
         raise ValueError("config is missing required key 'emb_dim'")
     check_positive_int(cfg, "emb_dim", "num_experts", "num_experts_per_tok", "moe_hidden_dim",
-                       "moe_every_n_layers")
-    if cfg["num_experts_per_tok"] > cfg["num_experts"]:
-        raise ValueError(f"num_experts_per_tok ({cfg['num_experts_per_tok']}) must be <= "
-                         f"num_experts ({cfg['num_experts']})")
-    for key, allowed in (("expert_type", EXPERT_TYPES), ("moe_dispatch", DISPATCH_MODES)):
+                       "moe_every_n_layers", "n_group", "topk_group")
+    E, k = cfg["num_experts"], cfg["num_experts_per_tok"]
+    if k > E:
+        raise ValueError(f"num_experts_per_tok ({k}) must be <= num_experts ({E})")
+    for key, allowed in (("expert_type", EXPERT_TYPES), ("router_type", ROUTER_TYPES),
+                         ("moe_dispatch", DISPATCH_MODES)):
         if cfg[key] not in allowed:
             raise ValueError(f"config[{key!r}] must be one of {allowed}, got {cfg[key]!r}")
-    for key in ("aux_loss_coef", "z_loss_coef"):
-        if not (isinstance(cfg[key], (int, float)) and cfg[key] >= 0):
-            raise ValueError(f"config[{key!r}] must be a number >= 0, got {cfg[key]!r}")
-    cf = cfg["capacity_factor"]
-    if cf is not None and not (isinstance(cf, (int, float)) and cf > 0):
-        raise ValueError(f"config['capacity_factor'] must be None (dropless) or > 0, got {cf!r}")
+    for key in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+        _check_number(cfg, key, 0, strict=False)
+    _check_number(cfg, "routed_scaling_factor", 0, strict=True)
+    if cfg["capacity_factor"] is not None:
+        _check_number(cfg, "capacity_factor", 0, strict=True)
+    G, G_k = cfg["n_group"], cfg["topk_group"]
+    if G > 1:
+        if E % G != 0 or E // G < 2:
+            raise ValueError(f"n_group ({G}) must divide num_experts ({E}) into groups of at least 2")
+        if G_k > G or k > G_k * (E // G):
+            raise ValueError(f"topk_group ({G_k}) must be <= n_group ({G}) and its groups must hold "
+                             f"at least num_experts_per_tok ({k}) experts")
+    if isinstance(cfg["num_shared_experts"], bool) or not isinstance(cfg["num_shared_experts"], int) \
+            or cfg["num_shared_experts"] < 0:
+        raise ValueError(f"config['num_shared_experts'] must be an integer >= 0, got {cfg['num_shared_experts']!r}")
+    for key in ("shared_expert_hidden_dim", "latent_dim"):
+        if cfg[key] is not None:
+            check_positive_int(cfg, key)
     return cfg
+
+
+def fine_grained(cfg, m):
+    """DeepSeekMoE's fine-grained segmentation: split every expert into m experts of 1/m the width
+    and route to m times as many. The expert weight matrices keep their total and active sizes;
+    the router grows from E to m*E outputs (and "gelu" experts gain output biases)."""
+    cfg = validate_moe_config(cfg)
+    if not isinstance(m, int) or m < 1 or cfg["moe_hidden_dim"] % m != 0:
+        raise ValueError(f"m must be a positive integer dividing moe_hidden_dim ({cfg['moe_hidden_dim']}), got {m!r}")
+    return {**cfg, "num_experts": cfg["num_experts"] * m, "num_experts_per_tok": cfg["num_experts_per_tok"] * m,
+            "moe_hidden_dim": cfg["moe_hidden_dim"] // m}
 
 
 class TopKRouter(nn.Module):
     """Scores every expert for every token and keeps the k best.
 
-    x: (N, D) -> logits (N, E), probs (N, E), topk_idx (N, k), topk_weight (N, k).
-    The router runs in float32 even when the model runs in lower precision: softmax over small
-    logit differences is where reduced precision hurts most.
+    x: (N, D) -> RouterOutput with logits, scores, probs (N, E) and topk_idx, topk_weight (N, k).
+    The router runs in float32 even when the model runs in lower precision: small differences
+    between logits decide which expert wins.
 
-    probs = softmax(logits) over all E experts. The gate weights are the top-k probabilities; with
-    norm_topk_prob they are renormalised to sum to 1, which equals a softmax over just the k
-    selected logits (the common factor 1/sum_j exp(l_j) cancels).
+    scores: softmax(logits) (Mixtral, Qwen) or sigmoid(logits) (DeepSeek-V3), the affinities.
+    Selection: the k best of scores + expert_bias, optionally only within the topk_group best of
+    n_group expert groups. The bias (a buffer, 0 unless aux-loss-free balancing moves it) changes
+    which experts are chosen, never the gate weights.
+    Gates: the chosen experts' unbiased scores, renormalised to sum to 1 if norm_topk_prob, times
+    routed_scaling_factor. For softmax scores, renormalising equals a softmax over just the k
+    chosen logits (the denominator over all E experts cancels).
+    probs: scores normalised to sum to 1 per token (= scores for softmax), for balancing losses.
     """
 
-    def __init__(self, emb_dim, num_experts, top_k, norm_topk_prob=True):
+    def __init__(self, emb_dim, num_experts, top_k, router_type="softmax", norm_topk_prob=True,
+                 routed_scaling_factor=1.0, n_group=1, topk_group=1):
         super().__init__()
-        self.top_k = top_k
-        self.norm_topk_prob = norm_topk_prob
+        self.top_k, self.router_type, self.norm_topk_prob = top_k, router_type, norm_topk_prob
+        self.routed_scaling_factor, self.n_group, self.topk_group = routed_scaling_factor, n_group, topk_group
         self.gate = nn.Linear(emb_dim, num_experts, bias=False)
+        self.register_buffer("expert_bias", torch.zeros(num_experts))
+
+    def select(self, scores):
+        """Indices (N, k) of the chosen experts: top-k of the biased scores within the best groups."""
+        biased = scores + self.expert_bias
+        if self.n_group > 1:
+            N, E = biased.shape
+            grouped = biased.view(N, self.n_group, E // self.n_group)
+            group_score = grouped.topk(2, dim=-1).values.sum(-1)               # (N, n_group)
+            best_groups = group_score.topk(self.topk_group, dim=-1).indices
+            keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best_groups, True)
+            biased = grouped.masked_fill(~keep[..., None], float("-inf")).view(N, E)
+        return biased.topk(self.top_k, dim=-1).indices
 
     def forward(self, x):
         logits = F.linear(x.float(), self.gate.weight.float())
-        probs = torch.softmax(logits, dim=-1)
-        topk_weight, topk_idx = torch.topk(probs, self.top_k, dim=-1)
+        if self.router_type == "softmax":
+            scores = torch.softmax(logits, dim=-1)
+            probs = scores
+        else:
+            scores = torch.sigmoid(logits)
+            probs = scores / scores.sum(dim=-1, keepdim=True)
+        topk_idx = self.select(scores.detach())
+        topk_weight = scores.gather(1, topk_idx)
         if self.norm_topk_prob:
-            topk_weight = topk_weight / topk_weight.sum(dim=-1, keepdim=True)
-        return logits, probs, topk_idx, topk_weight
+            topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
+        return logits, scores, probs, topk_idx, topk_weight * self.routed_scaling_factor
 
 
 class Experts(nn.Module):
-    """E independent MLPs stored as stacked weight tensors (one slice per expert).
+    """E independent MLPs stored as stacked weight tensors (one slice per expert). With E = 1 it
+    is a plain dense MLP, which is how shared experts and dense baselines are built.
 
     Stacking keeps the experts in three tensors instead of 3*E modules, and is the layout that
     batched and grouped matmuls (and `transformers`) use.
@@ -108,13 +191,12 @@ class Experts(nn.Module):
         E, D, H = num_experts, emb_dim, hidden_dim
         self.w_in = nn.Parameter(torch.empty(E, H, D))       # like nn.Linear: (out, in) per expert
         self.w_out = nn.Parameter(torch.empty(E, D, H))
-        if expert_type == "swiglu":
-            self.w_gate = nn.Parameter(torch.empty(E, H, D))
-            self.b_in = self.b_out = None
-        else:
-            self.w_gate = None
+        self.w_gate = nn.Parameter(torch.empty(E, H, D)) if expert_type == "swiglu" else None
+        if expert_type == "gelu":
             self.b_in = nn.Parameter(torch.zeros(E, H))
             self.b_out = nn.Parameter(torch.zeros(E, D))
+        else:
+            self.b_in = self.b_out = None
         self.act = GELU()
         self.reset_parameters()
 
@@ -147,9 +229,15 @@ class Experts(nn.Module):
         """One expert's MLP on x: (..., D) -> (..., D)."""
         if self.expert_type == "swiglu":
             h = F.silu(F.linear(x, w_gate)) * F.linear(x, w_in)
+        elif self.expert_type == "relu2":
+            h = F.relu(F.linear(x, w_in)).square()
         else:
             h = self.act(F.linear(x, w_in, b_in))
         return F.linear(h, w_out, b_out)
+
+    def dense(self, x):
+        """All tokens through expert 0 (for E = 1: a dense MLP). x: (..., D) -> (..., D)."""
+        return self([x])[0]
 
 
 def dispatch_loop(x, token_idx, expert_idx, weight, experts):
@@ -210,6 +298,22 @@ def load_balancing_loss(probs, topk_idx):
     return E * torch.sum(f * probs.mean(dim=0))
 
 
+def sequence_balance_loss(probs, topk_idx, batch_size):
+    """DeepSeek-V3's sequence-wise balance loss, averaged over the sequences of the batch.
+
+    Per sequence of T tokens: f_i = E / (k T) * (assignments to expert i), P_i = mean over the
+    sequence of probs[:, i]; loss = sum_i f_i * P_i (1 when balanced within the sequence).
+    probs: (N, E) with N = batch_size * T; topk_idx: (N, k).
+    """
+    N, E = probs.shape
+    k = topk_idx.shape[1]
+    T = N // batch_size
+    counts = F.one_hot(topk_idx, E).sum(1).view(batch_size, T, E).sum(1).float()   # (B, E)
+    f = counts * E / (k * T)
+    P = probs.view(batch_size, T, E).mean(1)
+    return (f * P).sum(-1).mean()
+
+
 def router_z_loss(logits):
     """ST-MoE z-loss: mean squared log-sum-exp of the router logits; keeps logits small and stable."""
     return torch.logsumexp(logits, dim=-1).pow(2).mean()
@@ -218,25 +322,43 @@ def router_z_loss(logits):
 class MoEFeedForward(nn.Module):
     """A routed MoE that replaces FeedForward: (B, T, D) -> (B, T, D).
 
+    output = sum over the token's chosen experts of gate * expert(x)  [+ shared expert(x)]
+
     After each forward pass:
-      self.aux_loss      aux_loss_coef * load-balancing loss + z_loss_coef * z-loss (a tensor),
-                         which utils.train.train adds to the language-model loss;
+      self.aux_loss      the weighted balancing losses (a tensor), which utils.train.train adds
+                         to the language-model loss;
       self.last_routing  detached statistics of that batch (see routing_stats).
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, expert_dim=None):
         super().__init__()
         cfg = validate_moe_config(cfg)
+        D = cfg["emb_dim"]
         self.num_experts = cfg["num_experts"]
         self.top_k = cfg["num_experts_per_tok"]
         self.aux_loss_coef = cfg["aux_loss_coef"]
+        self.seq_aux_loss_coef = cfg["seq_aux_loss_coef"]
         self.z_loss_coef = cfg["z_loss_coef"]
+        self.bias_update_rate = cfg["bias_update_rate"]
         self.capacity_factor = cfg["capacity_factor"]
         self.dispatch = DISPATCH[cfg["moe_dispatch"]]
-        self.router = TopKRouter(cfg["emb_dim"], self.num_experts, self.top_k, cfg["norm_topk_prob"])
-        self.experts = Experts(self.num_experts, cfg["emb_dim"], cfg["moe_hidden_dim"], cfg["expert_type"])
+        self.router = TopKRouter(D, self.num_experts, self.top_k, cfg["router_type"], cfg["norm_topk_prob"],
+                                 cfg["routed_scaling_factor"], cfg["n_group"], cfg["topk_group"])
+        # The experts' own dimension: emb_dim, or a smaller latent size in LatentMoE.
+        self.experts = Experts(self.num_experts, expert_dim or D, cfg["moe_hidden_dim"], cfg["expert_type"])
+        shared_hidden = cfg["shared_expert_hidden_dim"] or cfg["num_shared_experts"] * cfg["moe_hidden_dim"]
+        self.shared_expert = Experts(1, D, shared_hidden, cfg["expert_type"]) if shared_hidden else None
+        self.shared_expert_gate = nn.Linear(D, 1, bias=False) if shared_hidden and cfg["shared_expert_gate"] else None
         self.aux_loss = None
         self.last_routing = None
+
+    def to_experts(self, x):
+        """Map token vectors into the experts' space (the identity here; LatentMoE projects down)."""
+        return x
+
+    def from_experts(self, y):
+        """Map the combined expert output back to emb_dim (the identity here)."""
+        return y
 
     def capacity(self, num_tokens):
         """Assignments each expert may take in a batch of num_tokens (None when dropless)."""
@@ -247,20 +369,72 @@ class MoEFeedForward(nn.Module):
     def forward(self, x):
         B, T, D = x.shape
         flat = x.reshape(-1, D)                                           # (N, D)
-        logits, probs, topk_idx, topk_weight = self.router(flat)
+        logits, scores, probs, topk_idx, topk_weight = self.router(flat)
         N, k = topk_idx.shape
         keep = torch.ones_like(topk_idx, dtype=torch.bool)
         if self.capacity_factor is not None:
             keep = capacity_keep_mask(topk_idx, self.num_experts, self.capacity(N))
         token_idx = torch.arange(N, device=x.device).repeat_interleave(k)  # (N*k,) token of each assignment
         keep_flat = keep.reshape(-1)
-        out = self.dispatch(flat, token_idx[keep_flat], topk_idx.reshape(-1)[keep_flat],
-                            topk_weight.reshape(-1)[keep_flat], self.experts)
+        routed = self.dispatch(self.to_experts(flat), token_idx[keep_flat], topk_idx.reshape(-1)[keep_flat],
+                               topk_weight.reshape(-1)[keep_flat], self.experts)
+        out = self.from_experts(routed)
+        if self.shared_expert is not None:
+            shared = self.shared_expert.dense(flat)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
+            out = out + shared
         self.aux_loss = self.aux_loss_coef * load_balancing_loss(probs, topk_idx)
+        if self.seq_aux_loss_coef > 0:
+            self.aux_loss = self.aux_loss + self.seq_aux_loss_coef * sequence_balance_loss(probs, topk_idx, B)
         if self.z_loss_coef > 0:
             self.aux_loss = self.aux_loss + self.z_loss_coef * router_z_loss(logits)
         self.last_routing = routing_stats(probs, topk_idx, keep)
         return out.reshape(B, T, D)
+
+
+class LatentMoE(MoEFeedForward):
+    """Latent MoE (NVIDIA Nemotron 3): the routed experts work in a smaller space of latent_dim.
+
+    The router and the shared expert see the full x (dimension D). One down-projection D -> l,
+    shared by all experts, is applied before dispatch; each expert maps l -> hidden -> l; the
+    gate-weighted combination happens in l; one up-projection l -> D follows; then the shared
+    expert's output is added. Expert weights and the bytes sent to the experts shrink by D / l.
+    With latent_dim None it is exactly MoEFeedForward.
+    """
+
+    def __init__(self, cfg):
+        cfg = validate_moe_config(cfg)
+        super().__init__(cfg, expert_dim=cfg["latent_dim"])
+        latent = cfg["latent_dim"]
+        self.down_proj = nn.Linear(cfg["emb_dim"], latent, bias=False) if latent else None
+        self.up_proj = nn.Linear(latent, cfg["emb_dim"], bias=False) if latent else None
+
+    def to_experts(self, x):
+        return x if self.down_proj is None else self.down_proj(x)
+
+    def from_experts(self, y):
+        return y if self.up_proj is None else self.up_proj(y)
+
+
+def make_moe(cfg):
+    """The MoE layer a config asks for: LatentMoE when it sets latent_dim, else MoEFeedForward."""
+    return LatentMoE(cfg) if cfg.get("latent_dim") else MoEFeedForward(cfg)
+
+
+@torch.no_grad()
+def update_expert_biases(model, step=None):
+    """Auxiliary-loss-free balancing (DeepSeek-V3), as an `after_step` callback for train().
+
+    For every MoE layer with bias_update_rate > 0: expert_bias += rate * sign(mean load - load),
+    with the load counted from the layer's last batch. Overloaded experts become less likely to
+    be selected, underloaded ones more; no gradient and no loss term are involved.
+    """
+    for layer in moe_layers(model):
+        if layer.bias_update_rate > 0:
+            load = torch.bincount(layer.last_routing["topk_idx"].reshape(-1), minlength=layer.num_experts).float()
+            bias = layer.router.expert_bias
+            bias += layer.bias_update_rate * torch.sign(load.mean() - load).to(bias.device)
 
 
 def routing_stats(probs, topk_idx, keep=None):
@@ -286,7 +460,7 @@ def routing_stats(probs, topk_idx, keep=None):
 
 
 def moe_layers(model):
-    """The MoEFeedForward modules of a model, in order."""
+    """The MoE layers (MoEFeedForward, including LatentMoE) of a model, in order."""
     return [m for m in model.modules() if isinstance(m, MoEFeedForward)]
 
 
