@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from utils.gpt import GPT_CONFIG_124M, GPTModel
+from utils.moe import MoEFeedForward, fine_grained, moe_layers
+from utils.params import count_parameters, parameter_breakdown
+
+BASE = {"vocab_size": 97, "context_length": 16, "emb_dim": 32, "n_heads": 4, "n_layers": 4}
+MOE = {**BASE, "num_experts": 6, "num_experts_per_tok": 2, "moe_hidden_dim": 24}
+COURSE_CONFIGS = {
+    "dense": BASE,
+    "dense, qkv bias, wide ffn": {**BASE, "qkv_bias": True, "ffn_hidden_dim": 80},
+    "moe gelu": MOE,
+    "moe swiglu every 2nd layer": {**MOE, "expert_type": "swiglu", "moe_every_n_layers": 2},
+    "fine-grained + shared": {**fine_grained(MOE, 2), "num_shared_experts": 2},
+    "gated shared expert": {**MOE, "expert_type": "swiglu", "shared_expert_hidden_dim": 40, "shared_expert_gate": True},
+    "deepseek-style routing": {**MOE, "router_type": "sigmoid", "n_group": 3, "topk_group": 2, "num_shared_experts": 1},
+    "latent relu2": {**MOE, "expert_type": "relu2", "latent_dim": 8, "shared_expert_hidden_dim": 48},
+}
+
+
+@pytest.mark.parametrize("name", COURSE_CONFIGS)
+def test_course_counts_match_the_modules(name):
+    cfg = COURSE_CONFIGS[name]
+    analytic = count_parameters(cfg)
+    torch.manual_seed(0)
+    model = GPTModel(cfg)
+    assert analytic["total"] == sum(p.numel() for p in model.parameters())
+    assert analytic == parameter_breakdown(model)
+
+
+def traced_active(model, token=5):
+    """Parameters one token touches, traced through autograd: a parameter counts when the token's
+    output depends on it (it is in the autograd graph); for stacked experts, only the experts whose
+    slice receives a gradient count. Embedding tables are counted in full, the convention of
+    "active parameters". (Graph membership, not gradient values, decides for the other weights: with
+    a single token, attention's softmax is constant, so query and key weights get a zero gradient
+    although the token uses them.)"""
+    model.eval()
+    names, params = zip(*model.named_parameters())
+    grads = torch.autograd.grad(model(torch.tensor([[token]])).sum(), params, allow_unused=True)
+    touched = 0
+    for name, p, g in zip(names, params, grads):
+        if name.startswith(("tok_emb", "pos_emb")):
+            touched += p.numel()
+        elif ".experts." in name:
+            used = g.reshape(p.shape[0], -1).abs().sum(-1) > 0
+            touched += int(used.sum()) * p[0].numel()
+        elif g is not None:
+            touched += p.numel()
+    return touched
+
+
+@pytest.mark.parametrize("name", [n for n in COURSE_CONFIGS if "relu2" not in n])
+def test_active_count_equals_traced_parameters(name):
+    # (relu2 experts are left out: an inactive ReLU unit gets an exactly-zero gradient, so tracing
+    # by gradients would undercount what the token actually multiplied.)
+    torch.manual_seed(0)
+    model = GPTModel(COURSE_CONFIGS[name])
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.5)  # no exactly-zero weights or biases
+    assert traced_active(model) == count_parameters(COURSE_CONFIGS[name])["active"]
+
+
+def test_gpt2_124m_and_dense_active_equals_total():
+    c = count_parameters(GPT_CONFIG_124M)
+    assert c["total"] == c["active"] == 163_009_536
+    assert c["components"]["embedding"] == 50257 * 768 + 1024 * 768
+
+
+def test_moe_active_counts_k_of_e_experts():
+    c = count_parameters(MOE)
+    per_expert = 2 * 32 * 24 + 24 + 32
+    assert c["components"]["routed_experts"] == 4 * 6 * per_expert
+    assert c["active_components"]["routed_experts"] == 4 * 2 * per_expert
+    assert c["total"] - c["active"] == 4 * 4 * per_expert
+
+
+def test_bad_course_config():
+    with pytest.raises(ValueError, match="unknown config key"):
+        count_parameters({**MOE, "n_experts": 4})

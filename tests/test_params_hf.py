@@ -1,0 +1,127 @@
+"""count_parameters on Hugging Face configs: exact against transformers' own models (built on the
+meta device, no memory), and against the publishers' numbers under each publisher's convention."""
+import json
+import pathlib
+import warnings
+
+import pytest
+import torch
+
+from utils.params import HF_FAMILIES, count_parameters
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+transformers.logging.set_verbosity_error()
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "utils" / "assets" / "model_configs"
+SHARED_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "model_configs"
+MODELS = sorted(p.stem for p in CONFIG_DIR.glob("*.json") if p.stem != "published")
+PUBLISHED = json.loads((CONFIG_DIR / "published.json").read_text())
+
+# What each publisher leaves out of "active" (from the sources named in published.json).
+ACTIVE_EXCLUDES = {"deepseek-v3": ["embedding"], "gpt-oss-20b": ["embedding"]}
+
+
+def load(name):
+    return json.loads((CONFIG_DIR / f"{name}.json").read_text())
+
+
+def meta_count(config_dict):
+    cfg = AutoConfig.for_model(**config_dict)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_repo_copies_match_the_shared_configs():
+    if not SHARED_DIR.is_dir():
+        pytest.skip("../shared/ is not next to this clone (only the team's checkouts and CI have it)")
+    for path in SHARED_DIR.glob("*.json"):
+        assert json.loads(path.read_text()) == json.loads((CONFIG_DIR / path.name).read_text()), path.name
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_total_equals_transformers_meta_count(name):
+    assert count_parameters(load(name))["total"] == meta_count(load(name))
+
+
+def within_published_precision(ours, published, rel=0.01):
+    """Within 1%, or, when the publisher rounds more coarsely than 1% (e.g. "3.3B" or "37B"),
+    within one unit of the last digit it publishes."""
+    digits = len(f"{published / 1e9:g}".replace(".", "").lstrip("0"))
+    unit = 10 ** (len(str(int(published))) - digits)
+    return abs(ours - published) <= max(rel * published, unit)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_matches_published_numbers(name):
+    c = count_parameters(load(name))
+    pub = PUBLISHED[name]
+    assert abs(c["total"] - pub["published_total"]) <= 0.01 * pub["published_total"]
+    active = c["active"] - sum(c["active_components"][k] for k in ACTIVE_EXCLUDES.get(name, []))
+    assert within_published_precision(active, pub["published_active"]), (active, pub["published_active"])
+
+
+def test_precise_published_figures():
+    # DeepSeek-V3 README_WEIGHTS.md: main model activation parameters 36.6B (including the 0.9B head,
+    # so excluding the input embedding). Qwen3-30B-A3B model card: 29.9B non-embedding parameters.
+    ds = count_parameters(load("deepseek-v3"))
+    assert abs(ds["active"] - ds["components"]["embedding"] - 36.6e9) < 0.01 * 36.6e9
+    qw = count_parameters(load("qwen3-30b-a3b"))
+    non_embedding = qw["total"] - qw["components"]["embedding"] - qw["components"]["lm_head"]
+    assert abs(non_embedding - 29.9e9) < 0.01 * 29.9e9
+
+
+SMALL = {"vocab_size": 1000, "hidden_size": 64, "num_hidden_layers": 5, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "tie_word_embeddings": False}
+FAMILY_CONFIGS = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=96),
+    "qwen2_moe": dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=128,
+                      shared_expert_intermediate_size=48, decoder_sparse_step=2, mlp_only_layers=[3]),
+    "qwen3_moe": dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=128,
+                      head_dim=24, attention_bias=True, mlp_only_layers=[0]),
+    "olmoe": dict(num_experts=8, num_experts_per_tok=2, intermediate_size=32),
+    "deepseek_v2": dict(n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=2, moe_intermediate_size=16,
+                        intermediate_size=128, first_k_dense_replace=2, q_lora_rank=None, kv_lora_rank=16,
+                        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8),
+    "deepseek_v3": dict(n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=16,
+                        intermediate_size=128, first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=16,
+                        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_group=2, topk_group=1,
+                        attention_bias=True),
+    "glm4_moe": dict(n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=16,
+                     intermediate_size=128, first_k_dense_replace=1, head_dim=32, use_qk_norm=True,
+                     attention_bias=True),
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48, head_dim=16,
+                    attention_bias=True, layer_types=["sliding_attention", "full_attention"] * 2 + ["sliding_attention"]),
+    "llama4_text": dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size=32, intermediate_size_mlp=96,
+                        interleave_moe_layer_step=2, head_dim=16),
+}
+
+
+@pytest.mark.parametrize("family", HF_FAMILIES)
+@pytest.mark.parametrize("tied", [False, True])
+def test_every_family_matches_transformers(family, tied):
+    # A small config built by transformers' own config class (all its fields and defaults filled in).
+    cfg = AutoConfig.for_model(model_type=family, **{**SMALL, "tie_word_embeddings": tied}, **FAMILY_CONFIGS[family])
+    as_dict = cfg.to_dict()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    assert count_parameters(as_dict)["total"] == sum(p.numel() for p in model.parameters())
+
+
+def test_active_counts_top_k_of_routed_experts():
+    c = count_parameters(load("mixtral-8x7b"))
+    routed = c["components"]["routed_experts"]
+    assert c["active_components"]["routed_experts"] * 4 == routed   # top-2 of 8
+    assert c["total"] - c["active"] == routed * 3 // 4
+
+
+def test_errors_name_what_is_wrong():
+    with pytest.raises(ValueError, match="model_type 'bert' is not supported"):
+        count_parameters({"model_type": "bert"})
+    cfg = load("mixtral-8x7b")
+    del cfg["num_local_experts"]
+    with pytest.raises(ValueError, match="num_local_experts"):
+        count_parameters(cfg)

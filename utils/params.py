@@ -1,0 +1,217 @@
+"""Total vs active parameters, counted analytically from a config (no weights allocated).
+
+`count_parameters(config)` takes either one of the course's config dicts (dense GPT, routed MoE,
+shared experts, latent MoE) or a Hugging Face `config.json` as a dict (it has a "model_type"), and
+returns a dict with
+    total            every parameter the model stores
+    active           parameters one token uses: embeddings and head included, routed experts
+                     counted top-k of E, shared experts and dense layers in full
+    components       {component: parameters}, e.g. embedding, attention, routed_experts, ...
+    active_components  the same, as used by one token
+`parameter_breakdown(model)` counts the same components from an instantiated course model, so the
+two can be checked against each other.
+"""
+import torch.nn as nn
+
+from .gpt import FeedForward, LayerNorm, MultiHeadAttention, validate_gpt_config
+
+COMPONENTS = ("embedding", "attention", "dense_ffn", "routed_experts", "shared_experts", "router",
+              "latent_proj", "norms", "lm_head")
+
+
+def expert_parameters(expert_type, dim, hidden):
+    """Parameters of one expert MLP on vectors of size `dim` with `hidden` units."""
+    if expert_type == "gelu":
+        return 2 * dim * hidden + hidden + dim           # two matrices and their biases
+    if expert_type == "swiglu":
+        return 3 * dim * hidden                          # gate, up and down projections
+    if expert_type == "relu2":
+        return 2 * dim * hidden                          # up and down projections
+    raise ValueError(f"expert_type must be one of ('gelu', 'swiglu', 'relu2'), got {expert_type!r}")
+
+
+def _result(components, active_components):
+    components = {k: v for k, v in components.items() if v}
+    active_components = {k: v for k, v in active_components.items() if v}
+    return {"total": sum(components.values()), "active": sum(active_components.values()),
+            "components": components, "active_components": active_components}
+
+
+def count_course_parameters(cfg):
+    """Analytic count for a course config (GPTModel with dense, MoE, shared-expert or latent layers)."""
+    from .moe import MOE_OPTIONAL_KEYS, validate_moe_config
+
+    cfg = validate_gpt_config(cfg, extra_optional=MOE_OPTIONAL_KEYS)
+    V, C, D, L = cfg["vocab_size"], cfg["context_length"], cfg["emb_dim"], cfg["n_layers"]
+    total = dict.fromkeys(COMPONENTS, 0)
+    total["embedding"] = V * D + C * D
+    total["lm_head"] = D * V
+    total["attention"] = L * (4 * D * D + D + (3 * D if cfg["qkv_bias"] else 0))
+    total["norms"] = L * 4 * D + 2 * D
+    active = dict(total)
+    n_moe = 0
+    if cfg["num_experts"] > 0:
+        cfg = validate_moe_config(cfg)
+        n_moe = L // cfg["moe_every_n_layers"]
+        E, k, H = cfg["num_experts"], cfg["num_experts_per_tok"], cfg["moe_hidden_dim"]
+        expert_dim = cfg["latent_dim"] or D
+        per_expert = expert_parameters(cfg["expert_type"], expert_dim, H)
+        shared_hidden = cfg["shared_expert_hidden_dim"] or cfg["num_shared_experts"] * H
+        shared = expert_parameters(cfg["expert_type"], D, shared_hidden) if shared_hidden else 0
+        shared += D if shared_hidden and cfg["shared_expert_gate"] else 0
+        total["routed_experts"], active["routed_experts"] = n_moe * E * per_expert, n_moe * k * per_expert
+        total["router"] = active["router"] = n_moe * D * E
+        total["shared_experts"] = active["shared_experts"] = n_moe * shared
+        total["latent_proj"] = active["latent_proj"] = n_moe * 2 * D * cfg["latent_dim"] if cfg["latent_dim"] else 0
+    total["dense_ffn"] = active["dense_ffn"] = (L - n_moe) * expert_parameters("gelu", D, cfg["ffn_hidden_dim"])
+    return _result(total, active)
+
+
+def count_parameters(config):
+    """Total, active and per-component parameters of a course config or a Hugging Face config dict."""
+    if "model_type" in config:
+        return count_hf_parameters(config)
+    return count_course_parameters(config)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face configs. What each family builds, as in `transformers` (the tests compare with its
+# models instantiated on the meta device). Buffers are not parameters: DeepSeek-V3's and GLM-4.5's
+# per-expert selection biases (E numbers per layer) are not counted, as in `transformers`.
+
+HF_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
+               "gpt_oss", "llama4_text")
+REQUIRED = object()
+
+
+def _field(cfg, key, default=REQUIRED):
+    """cfg[key]; `key` may be a tuple of names the same field goes by (config.json files and
+    transformers' to_dict() do not always agree), the first present one wins."""
+    for name in (key if isinstance(key, tuple) else (key,)):
+        if name in cfg:
+            return cfg[name]
+    if default is REQUIRED:
+        raise ValueError(f"{cfg['model_type']} config is missing the field {key!r}")
+    return default
+
+
+NUM_EXPERTS = ("num_experts", "n_routed_experts", "num_local_experts")
+
+
+def _hf_attention(cfg, D, nh, nkv, hd):
+    """(attention weights, attention-internal norm weights) of one layer."""
+    mt, f = cfg["model_type"], lambda key, default=REQUIRED: _field(cfg, key, default)
+    if mt in ("deepseek_v2", "deepseek_v3"):                 # multi-head latent attention (MLA)
+        nope, rope, v, kv_rank = f("qk_nope_head_dim"), f("qk_rope_head_dim"), f("v_head_dim"), f("kv_lora_rank")
+        q_rank, bias = f("q_lora_rank", None), f("attention_bias", False)
+        q = D * nh * (nope + rope) if q_rank is None else D * q_rank + bias * q_rank + q_rank * nh * (nope + rope)
+        kv = D * (kv_rank + rope) + bias * (kv_rank + rope) + kv_rank * nh * (nope + v)
+        return q + kv + nh * v * D + bias * D, kv_rank + (q_rank or 0)
+    q, kv, o = D * nh * hd, 2 * D * nkv * hd, nh * hd * D
+    if mt == "qwen2_moe":
+        biases = f("qkv_bias", True) * (nh + 2 * nkv) * hd
+    elif mt == "glm4_moe":
+        biases = f("attention_bias", False) * (nh + 2 * nkv) * hd
+    else:
+        biases = f("attention_bias", False) * ((nh + 2 * nkv) * hd + D)
+    sinks = nh if mt == "gpt_oss" else 0                      # one learned attention sink per head
+    qk_norms = {"qwen3_moe": 2 * hd, "olmoe": (nh + nkv) * hd,
+                "glm4_moe": 2 * hd * bool(f("use_qk_norm", False))}.get(mt, 0)
+    return q + kv + o + biases + sinks, qk_norms
+
+
+def _hf_moe_layers(cfg, L):
+    mt, f = cfg["model_type"], lambda key, default=REQUIRED: _field(cfg, key, default)
+    if mt in ("qwen2_moe", "qwen3_moe"):
+        step, dense_only = f("decoder_sparse_step", 1), set(f("mlp_only_layers", []) or [])
+        return [i for i in range(L) if i not in dense_only and f(NUM_EXPERTS) > 0 and (i + 1) % step == 0]
+    if mt in ("deepseek_v2", "deepseek_v3", "glm4_moe"):
+        return list(range(f("first_k_dense_replace"), L))
+    if mt == "llama4_text":
+        explicit = f("moe_layers", None)
+        step = f("interleave_moe_layer_step", 1)
+        return list(explicit) if explicit is not None else list(range(step - 1, L, step))
+    return list(range(L))                                      # mixtral, olmoe, gpt_oss: every layer
+
+
+def _hf_experts(cfg, D):
+    """(E, k, parameters of one routed expert, shared-expert parameters, router parameters, dense MLP width)."""
+    mt, f = cfg["model_type"], lambda key, default=REQUIRED: _field(cfg, key, default)
+    k = f("num_experts_per_tok")
+    swiglu = lambda hidden: 3 * D * hidden
+    if mt == "mixtral":
+        E, I = f(NUM_EXPERTS), f("intermediate_size")
+        return E, k, swiglu(I), 0, D * E, None
+    if mt == "olmoe":
+        E, I = f(NUM_EXPERTS), f("intermediate_size")
+        return E, k, swiglu(I), 0, D * E, None
+    if mt == "gpt_oss":                                        # experts and router have biases
+        E, I = f(NUM_EXPERTS), f("intermediate_size")
+        return E, k, swiglu(I) + 2 * I + D, 0, D * E + E, None
+    if mt == "qwen2_moe":
+        E, Is = f(NUM_EXPERTS), f("shared_expert_intermediate_size")
+        return E, k, swiglu(f("moe_intermediate_size")), swiglu(Is) + D * (Is > 0), D * E, f("intermediate_size")
+    if mt == "qwen3_moe":
+        E = f(NUM_EXPERTS)
+        return E, k, swiglu(f("moe_intermediate_size")), 0, D * E, f("intermediate_size")
+    if mt == "llama4_text":
+        E, I = f(NUM_EXPERTS), f("intermediate_size")
+        return E, k, swiglu(I), swiglu(I), D * E, f("intermediate_size_mlp")
+    E, I = f(NUM_EXPERTS), f("moe_intermediate_size")          # deepseek_v2, deepseek_v3, glm4_moe
+    return E, k, swiglu(I), swiglu(I * f("n_shared_experts", 0)), D * E, f("intermediate_size")
+
+
+def count_hf_parameters(cfg):
+    """Analytic count for a Hugging Face config.json dict of one of HF_FAMILIES."""
+    mt = cfg.get("model_type")
+    if mt not in HF_FAMILIES:
+        raise ValueError(f"model_type {mt!r} is not supported; supported: {HF_FAMILIES}")
+    f = lambda key, default=REQUIRED: _field(cfg, key, default)
+    V, D, L, nh = f("vocab_size"), f("hidden_size"), f("num_hidden_layers"), f("num_attention_heads")
+    nkv = f("num_key_value_heads", None) or nh
+    hd = f("head_dim", None) or D // nh
+    tied = f("tie_word_embeddings")
+    attention, attention_norms = _hf_attention(cfg, D, nh, nkv, hd)
+    moe = _hf_moe_layers(cfg, L)
+    E, k, per_expert, shared, router, dense_width = _hf_experts(cfg, D)
+    n_dense = L - len(moe)
+    if n_dense and dense_width is None:
+        raise ValueError(f"{mt}: dense layers need an intermediate size")
+    total = dict.fromkeys(COMPONENTS, 0)
+    total.update(embedding=V * D, lm_head=0 if tied else D * V, attention=L * attention,
+                 norms=L * (2 * D + attention_norms) + D, dense_ffn=n_dense * 3 * D * (dense_width or 0),
+                 routed_experts=len(moe) * E * per_expert, shared_experts=len(moe) * shared,
+                 router=len(moe) * router)
+    active = {**total, "routed_experts": len(moe) * k * per_expert}
+    return _result(total, active)
+
+
+def parameter_breakdown(model):
+    """The same dict as count_parameters, counted from an instantiated course GPTModel's modules."""
+    from .moe import MoEFeedForward
+
+    count = lambda module: sum(p.numel() for p in module.parameters())
+    total = dict.fromkeys(COMPONENTS, 0)
+    active = dict.fromkeys(COMPONENTS, 0)
+    total["embedding"] = count(model.tok_emb) + count(model.pos_emb)
+    total["lm_head"] = count(model.out_head)
+    for module in model.modules():
+        if isinstance(module, MultiHeadAttention):
+            total["attention"] += count(module)
+        elif isinstance(module, LayerNorm):
+            total["norms"] += count(module)
+        elif isinstance(module, FeedForward):
+            total["dense_ffn"] += count(module)
+        elif isinstance(module, MoEFeedForward):
+            per_expert = sum(p[0].numel() for p in module.experts.parameters())
+            total["routed_experts"] += count(module.experts)
+            active["routed_experts"] += module.top_k * per_expert
+            total["router"] += count(module.router)
+            for part in (module.shared_expert, module.shared_expert_gate):
+                total["shared_experts"] += count(part) if part is not None else 0
+            for part in (getattr(module, "down_proj", None), getattr(module, "up_proj", None)):
+                total["latent_proj"] += count(part) if isinstance(part, nn.Module) else 0
+    for key in COMPONENTS:
+        if key != "routed_experts":
+            active[key] = total[key]
+    return _result(total, active)
