@@ -79,3 +79,65 @@ def test_moe_active_counts_k_of_e_experts():
 def test_bad_course_config():
     with pytest.raises(ValueError, match="unknown config key"):
         count_parameters({**MOE, "n_experts": 4})
+
+
+from utils.params import kv_cache_bytes, moe_layer_costs, weight_bytes  # noqa: E402
+
+
+@pytest.mark.parametrize("cfg", [
+    {"emb_dim": 32, "num_experts": 6, "num_experts_per_tok": 2, "moe_hidden_dim": 24},
+    {"emb_dim": 32, "num_experts": 6, "num_experts_per_tok": 2, "moe_hidden_dim": 24, "expert_type": "swiglu",
+     "num_shared_experts": 1, "shared_expert_gate": True},
+    {"emb_dim": 32, "num_experts": 8, "num_experts_per_tok": 3, "moe_hidden_dim": 24, "expert_type": "relu2",
+     "latent_dim": 8, "shared_expert_hidden_dim": 40},
+])
+def test_moe_layer_costs_match_the_module(cfg):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from utils.moe import make_moe
+
+    costs = moe_layer_costs(cfg)
+    layer = make_moe(cfg)
+    assert costs["params"] == sum(p.numel() for p in layer.parameters())
+    with FlopCounterMode(display=False) as counter:
+        layer(torch.randn(1, 10, 32))
+    assert counter.get_total_flops() == 10 * costs["flops_per_token"]
+    dim = cfg.get("latent_dim") or 32
+    assert costs["bytes_per_token"] == 2 * cfg["num_experts_per_tok"] * dim * 2
+
+
+def test_kv_cache_of_a_course_model_equals_the_keys_and_values_it_computes():
+    cfg = {**BASE, "n_layers": 3}
+    model = GPTModel(cfg)
+    x = torch.randn(2, 7, 32)
+    kv_values = sum(blk.att.W_key(x).numel() + blk.att.W_value(x).numel() for blk in model.trf_blocks)
+    assert kv_cache_bytes(cfg, context_length=7, batch_size=2, dtype="float32") == 4 * kv_values
+
+
+def test_kv_cache_matches_transformers_cache_for_gqa_and_sliding_windows():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = AutoConfig.for_model(model_type="mixtral", vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, intermediate_size=16,
+                               num_local_experts=2, num_experts_per_tok=1)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        cache = model(torch.randint(0, 50, (3, 9)), use_cache=True).past_key_values
+    values = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers)
+    assert kv_cache_bytes(cfg.to_dict(), context_length=9, batch_size=3, dtype="float32") == 4 * values
+    windowed = {**cfg.to_dict(), "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 4}
+    assert kv_cache_bytes(windowed, 9, 3, "float32") == 3 * (4 + 9) * 2 * 2 * 8 * 4
+
+
+def test_mla_caches_the_latent_and_memory_helpers():
+    from utils.params import load_model_config
+
+    ds = load_model_config("deepseek-v3")
+    per_token = 61 * (512 + 64) * 2
+    assert kv_cache_bytes(ds, context_length=1000) == 1000 * per_token
+    assert weight_bytes(10, "float32") == 40 and weight_bytes(10) == 20
+    with pytest.raises(ValueError, match="dtype"):
+        weight_bytes(10, "int3")

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from utils.params import HF_FAMILIES, count_parameters
+from utils.params import HF_FAMILIES, count_parameters, load_model_config, published_comparison
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -18,14 +18,7 @@ transformers.logging.set_verbosity_error()
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "utils" / "assets" / "model_configs"
 SHARED_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "model_configs"
 MODELS = sorted(p.stem for p in CONFIG_DIR.glob("*.json") if p.stem != "published")
-PUBLISHED = json.loads((CONFIG_DIR / "published.json").read_text())
-
-# What each publisher leaves out of "active" (from the sources named in published.json).
-ACTIVE_EXCLUDES = {"deepseek-v3": ["embedding"], "gpt-oss-20b": ["embedding"]}
-
-
-def load(name):
-    return json.loads((CONFIG_DIR / f"{name}.json").read_text())
+load = load_model_config
 
 
 def meta_count(config_dict):
@@ -57,11 +50,9 @@ def within_published_precision(ours, published, rel=0.01):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_matches_published_numbers(name):
-    c = count_parameters(load(name))
-    pub = PUBLISHED[name]
-    assert abs(c["total"] - pub["published_total"]) <= 0.01 * pub["published_total"]
-    active = c["active"] - sum(c["active_components"][k] for k in ACTIVE_EXCLUDES.get(name, []))
-    assert within_published_precision(active, pub["published_active"]), (active, pub["published_active"])
+    total, published_total, active, published_active = published_comparison(name)
+    assert abs(total - published_total) <= 0.01 * published_total
+    assert within_published_precision(active, published_active), (active, published_active)
 
 
 def test_precise_published_figures():
@@ -125,3 +116,5 @@ def test_errors_name_what_is_wrong():
     del cfg["num_local_experts"]
     with pytest.raises(ValueError, match="num_local_experts"):
         count_parameters(cfg)
+    with pytest.raises(ValueError, match="available"):
+        load_model_config("gpt-5")

@@ -409,6 +409,12 @@ class LatentMoE(MoEFeedForward):
         latent = cfg["latent_dim"]
         self.down_proj = nn.Linear(cfg["emb_dim"], latent, bias=False) if latent else None
         self.up_proj = nn.Linear(latent, cfg["emb_dim"], bias=False) if latent else None
+        if latent:
+            # Semi-orthogonal start: the projections neither shrink nor blow up the vectors, so the
+            # experts see inputs of the same scale as in a plain MoE (nn.Linear's default would
+            # shrink the signal by about 3x in each projection).
+            nn.init.orthogonal_(self.down_proj.weight)
+            nn.init.orthogonal_(self.up_proj.weight)
 
     def to_experts(self, x):
         return x if self.down_proj is None else self.down_proj(x)

@@ -11,6 +11,9 @@ returns a dict with
 `parameter_breakdown(model)` counts the same components from an instantiated course model, so the
 two can be checked against each other.
 """
+import json
+import pathlib
+
 import torch.nn as nn
 
 from .gpt import FeedForward, LayerNorm, MultiHeadAttention, validate_gpt_config
@@ -78,6 +81,12 @@ def count_parameters(config):
 # Hugging Face configs. What each family builds, as in `transformers` (the tests compare with its
 # models instantiated on the meta device). Buffers are not parameters: DeepSeek-V3's and GLM-4.5's
 # per-expert selection biases (E numbers per layer) are not counted, as in `transformers`.
+
+# What publishers leave out when they quote "active" parameters (from published.json's sources:
+# DeepSeek-V3's README_WEIGHTS.md and the gpt-oss model card count the output head, not the input
+# embedding). The others count both.
+PUBLISHED_ACTIVE_EXCLUDES = {"deepseek-v3": ("embedding",), "gpt-oss-20b": ("embedding",)}
+MODEL_CONFIGS = pathlib.Path(__file__).with_name("assets") / "model_configs"
 
 HF_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
                "gpt_oss", "llama4_text")
@@ -215,3 +224,97 @@ def parameter_breakdown(model):
         if key != "routed_experts":
             active[key] = total[key]
     return _result(total, active)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cost of one MoE layer, and memory.
+
+BYTES_PER_VALUE = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1}
+
+
+def _matrix_weights(expert_type, dim, hidden):
+    """Weights of one expert's matrices (what matmul FLOPs are made of; biases excluded)."""
+    return (3 if expert_type == "swiglu" else 2) * dim * hidden
+
+
+def moe_layer_costs(cfg, bytes_per_value=2):
+    """Parameters, forward FLOPs per token, and bytes per token sent to and back from the experts,
+    for one MoE layer of a course config (with or without latent_dim and shared experts).
+
+    FLOPs count 2 per multiply-add of every matrix a token passes through: the router, the k
+    chosen experts, the shared expert, and in a LatentMoE the down and up projections.
+    Bytes are what expert parallelism moves: each token's vector goes to each of its k experts
+    and the k results come back; a LatentMoE sends latent_dim values instead of emb_dim.
+    """
+    from .moe import validate_moe_config
+
+    cfg = validate_moe_config(cfg)
+    D, E, k, H = cfg["emb_dim"], cfg["num_experts"], cfg["num_experts_per_tok"], cfg["moe_hidden_dim"]
+    l, kind = cfg["latent_dim"], cfg["expert_type"]
+    dim = l or D
+    shared_hidden = cfg["shared_expert_hidden_dim"] or cfg["num_shared_experts"] * H
+    shared = expert_parameters(kind, D, shared_hidden) + (D if cfg["shared_expert_gate"] else 0) if shared_hidden else 0
+    projections = 2 * D * l if l else 0
+    params = {"routed_experts": E * expert_parameters(kind, dim, H), "router": D * E,
+              "shared_experts": shared, "latent_proj": projections}
+    matmul_weights = D * E + projections + k * _matrix_weights(kind, dim, H) + (
+        _matrix_weights(kind, D, shared_hidden) + (D if cfg["shared_expert_gate"] else 0) if shared_hidden else 0)
+    return {"params": sum(params.values()), "param_components": params,
+            "flops_per_token": 2 * matmul_weights,
+            "bytes_per_token": 2 * k * dim * bytes_per_value}
+
+
+def weight_bytes(num_params, dtype="bfloat16"):
+    """Memory for num_params weights stored as dtype."""
+    if dtype not in BYTES_PER_VALUE:
+        raise ValueError(f"dtype must be one of {tuple(BYTES_PER_VALUE)}, got {dtype!r}")
+    return num_params * BYTES_PER_VALUE[dtype]
+
+
+def kv_cache_bytes(config, context_length, batch_size=1, dtype="bfloat16"):
+    """Memory of the attention cache for batch_size sequences of context_length tokens.
+
+    Standard attention caches K and V: 2 * n_kv_heads * head_dim values per token and layer.
+    DeepSeek's multi-head latent attention caches one compressed latent and the shared rotary
+    key instead: kv_lora_rank + qk_rope_head_dim values. Layers marked "sliding_attention" in a
+    config's layer_types keep at most sliding_window tokens. MoE layers change none of this.
+    """
+    per_value = weight_bytes(1, dtype)
+    if "model_type" not in config:                             # a course config: full multi-head attention
+        cfg = validate_gpt_config(config, extra_optional=_moe_keys())
+        return batch_size * context_length * cfg["n_layers"] * 2 * cfg["emb_dim"] * per_value
+    f = lambda key, default=REQUIRED: _field(config, key, default)
+    L, nh = f("num_hidden_layers"), f("num_attention_heads")
+    if config["model_type"] in ("deepseek_v2", "deepseek_v3"):
+        per_token_layer = f("kv_lora_rank") + f("qk_rope_head_dim")
+        return batch_size * context_length * L * per_token_layer * per_value
+    nkv = f("num_key_value_heads", None) or nh
+    hd = f("head_dim", None) or f("hidden_size") // nh
+    layer_types = f("layer_types", None) or ["full_attention"] * L
+    window = f("sliding_window", None)
+    tokens = [min(context_length, window) if t == "sliding_attention" and window else context_length
+              for t in layer_types]
+    return batch_size * sum(tokens) * 2 * nkv * hd * per_value
+
+
+def _moe_keys():
+    from .moe import MOE_OPTIONAL_KEYS
+
+    return MOE_OPTIONAL_KEYS
+
+
+def load_model_config(name):
+    """A real model's config.json fields shipped in utils/assets/model_configs (e.g. "deepseek-v3")."""
+    path = MODEL_CONFIGS / f"{name}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in MODEL_CONFIGS.glob("*.json") if p.stem != "published")
+        raise ValueError(f"no model config {name!r}; available: {known}")
+    return json.loads(path.read_text())
+
+
+def published_comparison(name):
+    """(our total, published total, our active under the publisher's convention, published active)."""
+    c = count_parameters(load_model_config(name))
+    pub = load_model_config("published")[name]
+    active = c["active"] - sum(c["active_components"].get(k, 0) for k in PUBLISHED_ACTIVE_EXCLUDES.get(name, ()))
+    return c["total"], pub["published_total"], active, pub["published_active"]
