@@ -126,7 +126,7 @@ def fine_grained(cfg, m):
 class TopKRouter(nn.Module):
     """Scores every expert for every token and keeps the k best.
 
-    x: (N, D) -> RouterOutput with logits, scores, probs (N, E) and topk_idx, topk_weight (N, k).
+    x: (N, D) -> (logits, scores, probs), each (N, E), and (topk_idx, topk_weight), each (N, k).
     The router runs in float32 even when the model runs in lower precision: small differences
     between logits decide which expert wins.
 

@@ -17,6 +17,7 @@ import pathlib
 import torch.nn as nn
 
 from .gpt import FeedForward, LayerNorm, MultiHeadAttention, validate_gpt_config
+from .moe import MOE_OPTIONAL_KEYS, MoEFeedForward, validate_moe_config
 
 COMPONENTS = ("embedding", "attention", "dense_ffn", "routed_experts", "shared_experts", "router",
               "latent_proj", "norms", "lm_head")
@@ -42,8 +43,6 @@ def _result(components, active_components):
 
 def count_course_parameters(cfg):
     """Analytic count for a course config (GPTModel with dense, MoE, shared-expert or latent layers)."""
-    from .moe import MOE_OPTIONAL_KEYS, validate_moe_config
-
     cfg = validate_gpt_config(cfg, extra_optional=MOE_OPTIONAL_KEYS)
     V, C, D, L = cfg["vocab_size"], cfg["context_length"], cfg["emb_dim"], cfg["n_layers"]
     total = dict.fromkeys(COMPONENTS, 0)
@@ -197,8 +196,6 @@ def count_hf_parameters(cfg):
 
 def parameter_breakdown(model):
     """The same dict as count_parameters, counted from an instantiated course GPTModel's modules."""
-    from .moe import MoEFeedForward
-
     count = lambda module: sum(p.numel() for p in module.parameters())
     total = dict.fromkeys(COMPONENTS, 0)
     active = dict.fromkeys(COMPONENTS, 0)
@@ -246,8 +243,6 @@ def moe_layer_costs(cfg, bytes_per_value=2):
     Bytes are what expert parallelism moves: each token's vector goes to each of its k experts
     and the k results come back; a LatentMoE sends latent_dim values instead of emb_dim.
     """
-    from .moe import validate_moe_config
-
     cfg = validate_moe_config(cfg)
     D, E, k, H = cfg["emb_dim"], cfg["num_experts"], cfg["num_experts_per_tok"], cfg["moe_hidden_dim"]
     l, kind = cfg["latent_dim"], cfg["expert_type"]
@@ -281,7 +276,7 @@ def kv_cache_bytes(config, context_length, batch_size=1, dtype="bfloat16"):
     """
     per_value = weight_bytes(1, dtype)
     if "model_type" not in config:                             # a course config: full multi-head attention
-        cfg = validate_gpt_config(config, extra_optional=_moe_keys())
+        cfg = validate_gpt_config(config, extra_optional=MOE_OPTIONAL_KEYS)
         return batch_size * context_length * cfg["n_layers"] * 2 * cfg["emb_dim"] * per_value
     f = lambda key, default=REQUIRED: _field(config, key, default)
     L, nh = f("num_hidden_layers"), f("num_attention_heads")
@@ -295,12 +290,6 @@ def kv_cache_bytes(config, context_length, batch_size=1, dtype="bfloat16"):
     tokens = [min(context_length, window) if t == "sliding_attention" and window else context_length
               for t in layer_types]
     return batch_size * sum(tokens) * 2 * nkv * hd * per_value
-
-
-def _moe_keys():
-    from .moe import MOE_OPTIONAL_KEYS
-
-    return MOE_OPTIONAL_KEYS
 
 
 def load_model_config(name):
