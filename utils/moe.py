@@ -112,6 +112,11 @@ def validate_moe_config(cfg):
     return cfg
 
 
+def shared_expert_hidden(cfg):
+    """Width of the (one) shared-expert MLP of a validated config; 0 means no shared expert."""
+    return cfg["shared_expert_hidden_dim"] or cfg["num_shared_experts"] * cfg["moe_hidden_dim"]
+
+
 def fine_grained(cfg, m):
     """DeepSeekMoE's fine-grained segmentation: split every expert into m experts of 1/m the width
     and route to m times as many. The expert weight matrices keep their total and active sizes;
@@ -346,7 +351,7 @@ class MoEFeedForward(nn.Module):
                                  cfg["routed_scaling_factor"], cfg["n_group"], cfg["topk_group"])
         # The experts' own dimension: emb_dim, or a smaller latent size in LatentMoE.
         self.experts = Experts(self.num_experts, expert_dim or D, cfg["moe_hidden_dim"], cfg["expert_type"])
-        shared_hidden = cfg["shared_expert_hidden_dim"] or cfg["num_shared_experts"] * cfg["moe_hidden_dim"]
+        shared_hidden = shared_expert_hidden(cfg)
         self.shared_expert = Experts(1, D, shared_hidden, cfg["expert_type"]) if shared_hidden else None
         self.shared_expert_gate = nn.Linear(D, 1, bias=False) if shared_hidden and cfg["shared_expert_gate"] else None
         self.aux_loss = None

@@ -17,7 +17,7 @@ import pathlib
 import torch.nn as nn
 
 from .gpt import FeedForward, LayerNorm, MultiHeadAttention, validate_gpt_config
-from .moe import MOE_OPTIONAL_KEYS, MoEFeedForward, validate_moe_config
+from .moe import EXPERT_TYPES, MOE_OPTIONAL_KEYS, MoEFeedForward, shared_expert_hidden, validate_moe_config
 
 COMPONENTS = ("embedding", "attention", "dense_ffn", "routed_experts", "shared_experts", "router",
               "latent_proj", "norms", "lm_head")
@@ -31,7 +31,7 @@ def expert_parameters(expert_type, dim, hidden):
         return 3 * dim * hidden                          # gate, up and down projections
     if expert_type == "relu2":
         return 2 * dim * hidden                          # up and down projections
-    raise ValueError(f"expert_type must be one of ('gelu', 'swiglu', 'relu2'), got {expert_type!r}")
+    raise ValueError(f"expert_type must be one of {EXPERT_TYPES}, got {expert_type!r}")
 
 
 def _result(components, active_components):
@@ -55,16 +55,10 @@ def count_course_parameters(cfg):
     if cfg["num_experts"] > 0:
         cfg = validate_moe_config(cfg)
         n_moe = L // cfg["moe_every_n_layers"]
-        E, k, H = cfg["num_experts"], cfg["num_experts_per_tok"], cfg["moe_hidden_dim"]
-        expert_dim = cfg["latent_dim"] or D
-        per_expert = expert_parameters(cfg["expert_type"], expert_dim, H)
-        shared_hidden = cfg["shared_expert_hidden_dim"] or cfg["num_shared_experts"] * H
-        shared = expert_parameters(cfg["expert_type"], D, shared_hidden) if shared_hidden else 0
-        shared += D if shared_hidden and cfg["shared_expert_gate"] else 0
-        total["routed_experts"], active["routed_experts"] = n_moe * E * per_expert, n_moe * k * per_expert
-        total["router"] = active["router"] = n_moe * D * E
-        total["shared_experts"] = active["shared_experts"] = n_moe * shared
-        total["latent_proj"] = active["latent_proj"] = n_moe * 2 * D * cfg["latent_dim"] if cfg["latent_dim"] else 0
+        layer = moe_layer_costs(cfg)["param_components"]
+        for key, n in layer.items():
+            total[key] = active[key] = n_moe * n
+        active["routed_experts"] = total["routed_experts"] * cfg["num_experts_per_tok"] // cfg["num_experts"]
     total["dense_ffn"] = active["dense_ffn"] = (L - n_moe) * expert_parameters("gelu", D, cfg["ffn_hidden_dim"])
     return _result(total, active)
 
@@ -247,13 +241,14 @@ def moe_layer_costs(cfg, bytes_per_value=2):
     D, E, k, H = cfg["emb_dim"], cfg["num_experts"], cfg["num_experts_per_tok"], cfg["moe_hidden_dim"]
     l, kind = cfg["latent_dim"], cfg["expert_type"]
     dim = l or D
-    shared_hidden = cfg["shared_expert_hidden_dim"] or cfg["num_shared_experts"] * H
-    shared = expert_parameters(kind, D, shared_hidden) + (D if cfg["shared_expert_gate"] else 0) if shared_hidden else 0
+    shared_hidden = shared_expert_hidden(cfg)
+    gate = D if shared_hidden and cfg["shared_expert_gate"] else 0
     projections = 2 * D * l if l else 0
     params = {"routed_experts": E * expert_parameters(kind, dim, H), "router": D * E,
-              "shared_experts": shared, "latent_proj": projections}
-    matmul_weights = D * E + projections + k * _matrix_weights(kind, dim, H) + (
-        _matrix_weights(kind, D, shared_hidden) + (D if cfg["shared_expert_gate"] else 0) if shared_hidden else 0)
+              "shared_experts": (expert_parameters(kind, D, shared_hidden) if shared_hidden else 0) + gate,
+              "latent_proj": projections}
+    matmul_weights = (D * E + projections + k * _matrix_weights(kind, dim, H)
+                      + _matrix_weights(kind, D, shared_hidden) + gate)
     return {"params": sum(params.values()), "param_components": params,
             "flops_per_token": 2 * matmul_weights,
             "bytes_per_token": 2 * k * dim * bytes_per_value}
