@@ -120,12 +120,14 @@ def shared_expert_hidden(cfg):
 def fine_grained(cfg, m):
     """DeepSeekMoE's fine-grained segmentation: split every expert into m experts of 1/m the width
     and route to m times as many. The expert weight matrices keep their total and active sizes;
-    the router grows from E to m*E outputs (and "gelu" experts gain output biases)."""
+    the router grows from E to m*E outputs (and "gelu" experts gain output biases). Shared
+    experts are not routed and keep their width."""
     cfg = validate_moe_config(cfg)
-    if not isinstance(m, int) or m < 1 or cfg["moe_hidden_dim"] % m != 0:
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1 or cfg["moe_hidden_dim"] % m != 0:
         raise ValueError(f"m must be a positive integer dividing moe_hidden_dim ({cfg['moe_hidden_dim']}), got {m!r}")
+    shared = shared_expert_hidden(cfg)
     return {**cfg, "num_experts": cfg["num_experts"] * m, "num_experts_per_tok": cfg["num_experts_per_tok"] * m,
-            "moe_hidden_dim": cfg["moe_hidden_dim"] // m}
+            "moe_hidden_dim": cfg["moe_hidden_dim"] // m, "shared_expert_hidden_dim": shared or None}
 
 
 class TopKRouter(nn.Module):
@@ -188,6 +190,8 @@ class Experts(nn.Module):
     batched and grouped matmuls (and `transformers`) use.
     """
 
+    decayed_parameters = ("w_in", "w_gate", "w_out")   # weight matrices; b_in, b_out are biases (utils.train)
+
     def __init__(self, num_experts, emb_dim, hidden_dim, expert_type="gelu"):
         super().__init__()
         if expert_type not in EXPERT_TYPES:
@@ -206,10 +210,14 @@ class Experts(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        # The same scheme as nn.Linear: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) per expert.
-        for w in (self.w_in, self.w_gate, self.w_out):
+        # The same scheme as nn.Linear, weights and biases alike: uniform(-1/sqrt(fan_in),
+        # 1/sqrt(fan_in)) per expert, so a "gelu" expert starts like the dense FeedForward.
+        for w, b in ((self.w_in, self.b_in), (self.w_gate, None), (self.w_out, self.b_out)):
             if w is not None:
-                nn.init.uniform_(w, -1 / math.sqrt(w.shape[-1]), 1 / math.sqrt(w.shape[-1]))
+                bound = 1 / math.sqrt(w.shape[-1])
+                nn.init.uniform_(w, -bound, bound)
+                if b is not None:
+                    nn.init.uniform_(b, -bound, bound)
 
     @property
     def num_experts(self):

@@ -9,6 +9,7 @@ import math
 import time
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -58,6 +59,25 @@ def evaluate(model, loader, max_batches=None, device=None):
     return total / n
 
 
+def parameter_groups(model, weight_decay):
+    """AdamW parameter groups by role: weight matrices are decayed; biases, norm parameters and
+    anything else are not.
+
+    A module says which of its own parameters are weight matrices with a `decayed_parameters`
+    tuple of names; nn.Linear and nn.Embedding weights always are. Deciding by role rather than by
+    tensor rank matters for stacked experts, whose biases are 2-D (E, H) but are still biases.
+    """
+    decay, no_decay = [], []
+    for module in model.modules():
+        decayed = set(getattr(module, "decayed_parameters", ()))
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            decayed.add("weight")
+        for name, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                (decay if name in decayed else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def _batches(loader):
     """Loop over the loader forever (a new shuffled epoch each time round)."""
     while True:
@@ -81,13 +101,7 @@ def train(model, train_loader, val_loader, max_steps, peak_lr=1e-3, min_lr=None,
     model.to(device).train()
     min_lr = 0.1 * peak_lr if min_lr is None else min_lr
     warmup_steps = max(1, max_steps // 20) if warmup_steps is None else warmup_steps
-    # Weight decay on matrices only; biases and norm scales are not decayed.
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-        lr=peak_lr, betas=(0.9, 0.95),
-    )
+    optimizer = torch.optim.AdamW(parameter_groups(model, weight_decay), lr=peak_lr, betas=(0.9, 0.95))
     history = {"step": [], "train_loss": [], "val_loss": [], "tokens_seen": [], "lr": [], "aux_loss": []}
     tokens_seen, running, running_n = 0, 0.0, 0
     start = time.perf_counter()
