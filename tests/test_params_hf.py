@@ -102,6 +102,19 @@ def test_every_family_matches_transformers(family, tied):
     assert count_parameters(as_dict)["total"] == sum(p.numel() for p in model.parameters())
 
 
+def test_qwen2_moe_with_no_shared_expert_width_still_counts_its_gate():
+    # shared_expert_intermediate_size=0 gives empty shared-expert matrices, but transformers still
+    # builds each MoE layer's shared_expert_gate, Linear(hidden_size, 1).
+    kwargs = {**FAMILY_CONFIGS["qwen2_moe"], "shared_expert_intermediate_size": 0}
+    cfg = AutoConfig.for_model(model_type="qwen2_moe", **SMALL, **kwargs)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    ours = count_parameters(cfg.to_dict())
+    assert ours["total"] == sum(p.numel() for p in model.parameters())
+    shared = sum(p.numel() for name, p in model.named_parameters() if ".shared_expert" in name)
+    assert ours["components"]["shared_experts"] == shared > 0
+
+
 def test_active_counts_top_k_of_routed_experts():
     c = count_parameters(load("mixtral-8x7b"))
     routed = c["components"]["routed_experts"]

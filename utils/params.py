@@ -150,9 +150,9 @@ def _hf_experts(cfg, D):
     if mt == "gpt_oss":                                        # experts and router have biases
         E, I = f(NUM_EXPERTS), f("intermediate_size")
         return E, k, swiglu(I) + 2 * I + D, 0, D * E + E, None
-    if mt == "qwen2_moe":
-        E, Is = f(NUM_EXPERTS), f("shared_expert_intermediate_size")
-        return E, k, swiglu(f("moe_intermediate_size")), swiglu(Is) + D * (Is > 0), D * E, f("intermediate_size")
+    if mt == "qwen2_moe":                                      # the shared expert's gate, Linear(D, 1), is
+        E, Is = f(NUM_EXPERTS), f("shared_expert_intermediate_size")   # built even when its width Is is 0
+        return E, k, swiglu(f("moe_intermediate_size")), swiglu(Is) + D, D * E, f("intermediate_size")
     if mt == "qwen3_moe":
         E = f(NUM_EXPERTS)
         return E, k, swiglu(f("moe_intermediate_size")), 0, D * E, f("intermediate_size")
