@@ -227,3 +227,19 @@ def test_expert_load_and_load_recorder():
     with pytest.raises(ValueError, match="no MoE layers"):
         expert_load(GPTModel({k: cfg[k] for k in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")}),
                     ids, 8)
+
+
+def test_gelu_expert_biases_start_like_the_dense_feedforwards():
+    from utils.gpt import FeedForward
+
+    D, H = 64, 256
+    torch.manual_seed(0)
+    dense = FeedForward({"emb_dim": D, "ffn_hidden_dim": H}).layers
+    expert = Experts(1, D, H, "gelu")
+    # nn.Linear draws its bias from uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)); so must the experts.
+    for ours, theirs, fan_in in ((expert.b_in[0], dense[0].bias, D), (expert.b_out[0], dense[2].bias, H)):
+        bound = 1 / math.sqrt(fan_in)
+        for b in (ours.detach(), theirs.detach()):
+            assert b.abs().max() <= bound and b.abs().max() > 0.9 * bound
+            assert b.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.15)   # uniform's std
+            assert b.mean().abs() < 0.2 * bound

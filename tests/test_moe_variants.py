@@ -207,3 +207,16 @@ def test_latent_moe_shapes_and_parameters():
     assert latent(torch.randn(2, 3, D)).shape == (2, 3, D)
     model = GPTModel({"vocab_size": 20, "context_length": 8, "emb_dim": D, "n_heads": 4, "n_layers": 2, **cfg})
     assert all(isinstance(m, LatentMoE) for m in moe_layers(model)) and len(moe_layers(model)) == 2
+
+
+@pytest.mark.parametrize("shared", [{"num_shared_experts": 2}, {"num_shared_experts": 1, "shared_expert_hidden_dim": 40}])
+def test_fine_grained_keeps_the_shared_experts_width(shared):
+    from utils.moe import shared_expert_hidden
+
+    cfg = {"emb_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_hidden_dim": 32, **shared}
+    fine = fine_grained(cfg, 4)
+    width = shared_expert_hidden({**cfg, "shared_expert_hidden_dim": cfg.get("shared_expert_hidden_dim")})
+    assert width in (64, 40) and shared_expert_hidden(fine) == width
+    a, b = MoEFeedForward(cfg), MoEFeedForward(fine)
+    assert a.shared_expert.w_in.shape == b.shared_expert.w_in.shape == (1, width, 16)
+    assert count(a.shared_expert) == count(b.shared_expert)

@@ -78,3 +78,35 @@ def test_aux_loss_is_added_and_after_step_is_called():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="max_steps"):
         train(GPTModel(TINY), *loaders(), max_steps=0)
+
+
+def test_parameter_groups_decay_weight_matrices_only():
+    from utils.moe import Experts, moe_layers
+    from utils.train import parameter_groups
+
+    cfg = {**TINY, "num_experts": 4, "num_experts_per_tok": 2, "moe_hidden_dim": 24, "expert_type": "gelu",
+           "num_shared_experts": 1, "shared_expert_gate": True}
+    model = GPTModel(cfg)
+    decay, no_decay = parameter_groups(model, weight_decay=0.1)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    ids = lambda params: {id(p) for p in params}
+    decayed, not_decayed = ids(decay["params"]), ids(no_decay["params"])
+    assert not decayed & not_decayed and decayed | not_decayed == ids(model.parameters())
+
+    moe = moe_layers(model)[0]
+    # Stacked expert biases are 2-D (E, H) but are biases: not decayed. So are the norms' parameters.
+    biases = [moe.experts.b_in, moe.experts.b_out, moe.shared_expert.b_in, moe.shared_expert.b_out]
+    assert all(b.dim() == 2 for b in biases)
+    norms = [model.final_norm.scale, model.final_norm.shift, model.trf_blocks[0].norm1.scale]
+    assert ids(biases + norms) <= not_decayed
+    # Weight matrices: every Linear and Embedding weight, and the stacked expert matrices.
+    linear = [m.weight for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
+    assert ids([moe.router.gate.weight, moe.shared_expert_gate.weight]) <= ids(linear)
+    stacked = [e.w_in for e in model.modules() if isinstance(e, Experts)] + \
+              [e.w_out for e in model.modules() if isinstance(e, Experts)]
+    assert ids(linear + stacked) <= decayed
+    assert ids(model.parameters()) - ids(linear + stacked) == not_decayed   # nothing else is decayed
+
+    swiglu = GPTModel({**cfg, "expert_type": "swiglu"})
+    gate = moe_layers(swiglu)[0].experts.w_gate
+    assert id(gate) in ids(parameter_groups(swiglu, 0.1)[0]["params"])
