@@ -243,3 +243,75 @@ def test_gelu_expert_biases_start_like_the_dense_feedforwards():
             assert b.abs().max() <= bound and b.abs().max() > 0.9 * bound
             assert b.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.15)   # uniform's std
             assert b.mean().abs() < 0.2 * bound
+
+
+def test_router_parameters_stay_float32_when_the_model_is_cast():
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.to("meta", torch.bfloat16)):
+        moe = cast(make())
+        assert moe.router.gate.weight.dtype == moe.router.expert_bias.dtype == torch.float32
+        assert moe.experts.w_in.dtype == moe.experts.b_out.dtype != torch.float32
+        assert moe.router.gate.weight.device == moe.experts.w_in.device        # .to(device) still moves them
+    moe = make()
+    weight = moe.router.gate.weight.detach().clone()
+    moe.to(torch.bfloat16)
+    assert torch.equal(moe.router.gate.weight, weight)                           # not even rounded on the way
+    assert isinstance(moe.router.gate.weight, torch.nn.Parameter)
+    assert moe.float().experts.w_in.dtype == torch.float32
+
+
+def test_bfloat16_layer_is_close_to_the_float32_layer_and_trains():
+    torch.manual_seed(0)
+    moe32 = make(num_experts=8, num_experts_per_tok=2, expert_type="swiglu")
+    moe16 = make(num_experts=8, num_experts_per_tok=2, expert_type="swiglu").to(torch.bfloat16)
+    x = torch.randn(16, 128, 16).to(torch.bfloat16)
+    y16 = moe16(x)
+    y32 = moe32(x.float())                           # the same (rounded) input in float32
+    assert y16.dtype == torch.bfloat16
+    assert torch.equal(moe16.last_routing["topk_idx"], moe32.last_routing["topk_idx"])   # same choices
+    err = (y16.float() - y32).norm(dim=-1) / y32.norm(dim=-1)
+    assert err.max() < 0.03                                            # bfloat16 rounding only, every token
+    for dispatch in (dispatch_loop, dispatch_sorted):                  # the combine sums in float32
+        moe16.dispatch = dispatch
+        assert torch.equal(moe16(x), y16)
+    # One optimizer step: the float32 router and the bfloat16 experts both get gradients and move.
+    optimizer = torch.optim.AdamW(moe16.parameters(), lr=1e-2)
+    before = moe16.router.gate.weight.detach().clone()
+    (moe16(x).float().pow(2).mean() + moe16.aux_loss).backward()
+    assert moe16.router.gate.weight.grad.dtype == torch.float32 and moe16.experts.w_in.grad.dtype == torch.bfloat16
+    optimizer.step()
+    assert not torch.equal(moe16.router.gate.weight, before) and moe16.router.gate.weight.dtype == torch.float32
+
+
+def test_aux_loss_free_bias_update_survives_bfloat16():
+    from utils.moe import update_expert_biases
+
+    moe = make(router_type="sigmoid", bias_update_rate=0.001, aux_loss_coef=0.0)
+    with torch.no_grad():
+        moe.router.expert_bias.fill_(0.6)
+    model = torch.nn.Sequential(moe).to(torch.bfloat16)
+    moe(torch.randn(2, 12, 16, dtype=torch.bfloat16))
+    load = moe.last_routing["tokens_per_expert"].float()
+    assert not torch.all(load == load.mean())
+    update_expert_biases(model)
+    expected = torch.tensor(0.6) + 0.001 * torch.sign(load.mean() - load)
+    assert torch.equal(moe.router.expert_bias, expected)             # bfloat16 would round 0.601 back to 0.6
+
+
+@pytest.mark.parametrize("dispatch", [dispatch_loop, dispatch_sorted])
+def test_bfloat16_combine_is_summed_in_float32(dispatch):
+    torch.manual_seed(0)
+    E = k = 8
+    experts = Experts(E, 16, 32, "gelu").to(torch.bfloat16)
+    x = torch.randn(64, 16).to(torch.bfloat16)
+    token_idx = torch.arange(64).repeat_interleave(k)
+    expert_idx = torch.arange(E).repeat(64)
+    weight = torch.rand(64 * k)
+    out = dispatch(x, token_idx, expert_idx, weight, experts)
+    assert out.dtype == torch.bfloat16
+    with torch.no_grad():
+        y = torch.stack(experts([x] * E), dim=1).double()                  # (N, E, D) bfloat16 outputs
+        exact = (y * weight.view(64, k, 1).double()).sum(1)
+    # Summed in float32 and rounded once, every entry is within half a bfloat16 step of the exact
+    # sum; rounding every product and partial sum to bfloat16 misses that by several steps.
+    half_step = 0.5 * torch.finfo(torch.bfloat16).eps * 2.0 ** torch.floor(torch.log2(exact.abs()))
+    assert torch.all((out.double() - exact).abs() <= half_step * 1.001)

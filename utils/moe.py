@@ -135,7 +135,10 @@ class TopKRouter(nn.Module):
 
     x: (N, D) -> (logits, scores, probs), each (N, E), and (topk_idx, topk_weight), each (N, k).
     The router runs in float32 even when the model runs in lower precision: small differences
-    between logits decide which expert wins.
+    between logits decide which expert wins. Its gate weight and expert_bias also stay float32
+    when the model is cast with .to(torch.bfloat16) or .half() (see _apply), as transformers keeps
+    DeepSeek-V3's and Nemotron-H's router: next to a bias of 0.6, a bfloat16 number cannot
+    even hold a bias update of 0.001.
 
     scores: softmax(logits) (Mixtral, Qwen) or sigmoid(logits) (DeepSeek-V3), the affinities.
     Selection: the k best of scores + expert_bias, optionally only within the topk_group best of
@@ -154,6 +157,17 @@ class TopKRouter(nn.Module):
         self.routed_scaling_factor, self.n_group, self.topk_group = routed_scaling_factor, n_group, topk_group
         self.gate = nn.Linear(emb_dim, num_experts, bias=False)
         self.register_buffer("expert_bias", torch.zeros(num_experts))
+
+    def _apply(self, fn, recurse=True):
+        """nn.Module applies `fn` (the cast of .to(), .half(), .cuda(), ...) to every parameter and
+        buffer through this method. Here a float32 tensor takes the device `fn` gives it but keeps
+        its dtype and exact values."""
+        def keep_float32(t):
+            moved = fn(t)
+            if t.dtype == torch.float32 and moved.dtype != torch.float32 and moved.is_floating_point():
+                return t.to(device=moved.device)
+            return moved
+        return super()._apply(keep_float32, recurse)
 
     def select(self, scores):
         """Indices (N, k) of the chosen experts: top-k of the biased scores within the best groups."""
@@ -253,18 +267,25 @@ class Experts(nn.Module):
         return self([x])[0]
 
 
+def combine_dtype(x):
+    """The dtype in which the gate-weighted expert outputs are summed: float32 for bfloat16 or
+    float16 activations (the rounding of each partial sum would add up), else x's own dtype."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def dispatch_loop(x, token_idx, expert_idx, weight, experts):
     """Reference dispatch: for each expert, select its assignments with a mask, run it, add back.
 
     x: (N, D); token_idx, expert_idx, weight: (A,) one entry per (token, expert) assignment.
-    Returns (N, D) = sum over a token's assignments of weight * expert(x_token).
+    Returns (N, D) = sum over a token's assignments of weight * expert(x_token). The weighted sum
+    is accumulated in (at least) float32 and cast back to x.dtype once, at the end.
     """
     masks = [expert_idx == e for e in range(experts.num_experts)]
     outputs = experts([x[token_idx[mask]] for mask in masks])
-    out = torch.zeros_like(x)
+    out = x.new_zeros(x.shape, dtype=combine_dtype(x))
     for mask, y in zip(masks, outputs):
-        out.index_add_(0, token_idx[mask], y * weight[mask, None].to(x.dtype))
-    return out
+        out.index_add_(0, token_idx[mask], y.to(out.dtype) * weight[mask, None].to(out.dtype))
+    return out.to(x.dtype)
 
 
 def dispatch_sorted(x, token_idx, expert_idx, weight, experts):
@@ -279,8 +300,9 @@ def dispatch_sorted(x, token_idx, expert_idx, weight, experts):
     tokens = token_idx[order]
     x_sorted = torch.index_select(x, 0, tokens)                          # (A, D), grouped by expert
     y = torch.cat(experts(list(torch.split(x_sorted, counts))))          # (A, D)
-    y = y * weight[order, None].to(x.dtype)
-    return torch.zeros_like(x).index_add_(0, tokens, y)
+    dtype = combine_dtype(x)
+    y = y.to(dtype) * weight[order, None].to(dtype)
+    return x.new_zeros(x.shape, dtype=dtype).index_add_(0, tokens, y).to(x.dtype)
 
 
 DISPATCH = {"loop": dispatch_loop, "sorted": dispatch_sorted}
