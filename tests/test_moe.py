@@ -44,10 +44,36 @@ def test_shape_and_aux_loss():
     ({"num_shared_experts": -1}, "num_shared_experts"),
     ({"latent_dim": 0}, "latent_dim"),
     ({"bias_update_rate": -0.1}, "bias_update_rate"),
+    ({"topk_group": 2}, "topk_group.*between 1 and n_group \\(1\\)"),
+    ({"n_group": 3, "topk_group": 4}, "topk_group.*between 1 and n_group \\(3\\)"),
+    ({"latent_dim": 17}, "latent_dim.*between 1 and emb_dim \\(16\\)"),
+    ({"capacity_factor": math.inf}, "capacity_factor.*finite"),
+    ({"capacity_factor": math.nan}, "capacity_factor.*finite"),
+    ({"aux_loss_coef": math.inf}, "aux_loss_coef.*finite"),
+    ({"shared_expert_gate": True}, "shared_expert_gate.*num_shared_experts >= 1"),
+    ({"shared_expert_gate": 1.0}, "shared_expert_gate.*True or False"),
+    ({"shared_expert_hidden_dim": 32}, "shared_expert_hidden_dim.*num_shared_experts >= 1"),
 ])
 def test_bad_configs_raise(bad, message):
     with pytest.raises(ValueError, match=message):
         MoEFeedForward({**MOE, **bad})
+
+
+@pytest.mark.parametrize("fine", [
+    {"latent_dim": 16},                                                  # "projections only"
+    {"num_shared_experts": 1, "shared_expert_hidden_dim": 32, "shared_expert_gate": True},
+    {"n_group": 3, "topk_group": 3},
+    {"capacity_factor": 1e6},
+])
+def test_edge_configs_are_accepted(fine):
+    assert make(**fine)(torch.randn(1, 4, 16)).shape == (1, 4, 16)
+
+
+def test_moe_every_n_layers_beyond_n_layers_raises():
+    cfg = {"vocab_size": 50, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 3, **MOE}
+    assert len(moe_layers(GPTModel({**cfg, "moe_every_n_layers": 3}))) == 1
+    with pytest.raises(ValueError, match="moe_every_n_layers.*between 1 and n_layers \\(3\\)"):
+        GPTModel({**cfg, "moe_every_n_layers": 4})
 
 
 def test_unknown_key_in_gpt_config_raises():

@@ -40,7 +40,8 @@ def test_matches_transformers_qwen2_moe_block_with_gated_shared_expert():
     torch.manual_seed(0)
     ours = MoEFeedForward({"emb_dim": D, "num_experts": E, "num_experts_per_tok": k, "moe_hidden_dim": H,
                            "expert_type": "swiglu", "norm_topk_prob": False,
-                           "shared_expert_hidden_dim": Hs, "shared_expert_gate": True}).eval()
+                           "num_shared_experts": 1, "shared_expert_hidden_dim": Hs,
+                           "shared_expert_gate": True}).eval()
     theirs = Qwen2MoeSparseMoeBlock(Qwen2MoeConfig(
         hidden_size=D, moe_intermediate_size=H, shared_expert_intermediate_size=Hs, num_experts=E,
         num_experts_per_tok=k, norm_topk_prob=False, hidden_act="silu")).eval()
@@ -167,7 +168,7 @@ def nemotron_pair(latent, seed=0):
     torch.manual_seed(seed)
     cfg = {"emb_dim": D, "num_experts": E, "num_experts_per_tok": k, "moe_hidden_dim": H, "expert_type": "relu2",
            "router_type": "sigmoid", "norm_topk_prob": True, "routed_scaling_factor": 2.0, "n_group": 4,
-           "topk_group": 2, "shared_expert_hidden_dim": Hs, "latent_dim": latent}
+           "topk_group": 2, "num_shared_experts": 1, "shared_expert_hidden_dim": Hs, "latent_dim": latent}
     ours = make_moe(cfg).eval()
     theirs = NemotronHMoE(NemotronHConfig(
         hidden_size=D, moe_intermediate_size=H, moe_shared_expert_intermediate_size=Hs, n_routed_experts=E,

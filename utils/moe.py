@@ -28,11 +28,15 @@ Config keys (in the same dict as the GPT's keys; see MOE_OPTIONAL_KEYS for the d
                          assignments per batch; the rest are dropped (the token keeps its residual)
     num_shared_experts   always-active experts of width moe_hidden_dim (DeepSeekMoE), added to the
                          routed output; stored as one MLP of width num_shared_experts * moe_hidden_dim
-                         (the same function), or of width shared_expert_hidden_dim when given
+                         (the same function)
+    shared_expert_hidden_dim  the shared experts' total width instead, when they are not
+                         moe_hidden_dim wide (Qwen2-MoE, Nemotron-H); needs num_shared_experts >= 1
     shared_expert_gate   scale the shared expert by sigmoid(Linear(D, 1)(x)) (Qwen1.5/Qwen2-MoE)
-    latent_dim           LatentMoE: the experts work in this smaller dimension (None: plain MoE)
+    latent_dim           LatentMoE: the experts work in this dimension, at most emb_dim (None: plain
+                         MoE; emb_dim: the projections without the compression)
     moe_dispatch         "sorted" (fast, default) or "loop" (the readable reference); same results
-    moe_every_n_layers   in GPTModel, layer i (0-based) is an MoE layer when (i + 1) % n == 0
+    moe_every_n_layers   in GPTModel, layer i (0-based) is an MoE layer when (i + 1) % n == 0;
+                         at most n_layers
 """
 import math
 
@@ -71,14 +75,18 @@ DISPATCH_MODES = ("sorted", "loop")
 
 def _check_number(cfg, key, minimum, strict):
     value = cfg[key]
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
         value > minimum if strict else value >= minimum)
     if not ok:
-        raise ValueError(f"config[{key!r}] must be a number {'>' if strict else '>='} {minimum}, got {value!r}")
+        raise ValueError(f"config[{key!r}] must be a finite number {'>' if strict else '>='} {minimum}, got {value!r}")
 
 
 def validate_moe_config(cfg):
-    """Check the MoE keys of a config (defaults filled in); raise ValueError naming the bad field."""
+    """Check the MoE keys of a config (defaults filled in); raise ValueError naming the bad field.
+
+    When the config also describes the whole model (it has n_layers), moe_every_n_layers is
+    checked against n_layers too.
+    """
     cfg = {**MOE_OPTIONAL_KEYS, **cfg}
     if "emb_dim" not in cfg:
         raise ValueError("config is missing required key 'emb_dim'")
@@ -96,24 +104,51 @@ def validate_moe_config(cfg):
     _check_number(cfg, "routed_scaling_factor", 0, strict=True)
     if cfg["capacity_factor"] is not None:
         _check_number(cfg, "capacity_factor", 0, strict=True)
+    if "n_layers" in cfg:
+        check_positive_int(cfg, "n_layers")
+        if cfg["moe_every_n_layers"] > cfg["n_layers"]:
+            raise ValueError(f"config['moe_every_n_layers'] must be between 1 and n_layers ({cfg['n_layers']}), "
+                             f"got {cfg['moe_every_n_layers']}: the model would have no MoE layer")
+
     G, G_k = cfg["n_group"], cfg["topk_group"]
+    if G_k > G:
+        raise ValueError(f"config['topk_group'] must be between 1 and n_group ({G}), got {G_k}")
     if G > 1:
         if E % G != 0 or E // G < 2:
             raise ValueError(f"n_group ({G}) must divide num_experts ({E}) into groups of at least 2")
-        if G_k > G or k > G_k * (E // G):
-            raise ValueError(f"topk_group ({G_k}) must be <= n_group ({G}) and its groups must hold "
-                             f"at least num_experts_per_tok ({k}) experts")
-    if isinstance(cfg["num_shared_experts"], bool) or not isinstance(cfg["num_shared_experts"], int) \
-            or cfg["num_shared_experts"] < 0:
-        raise ValueError(f"config['num_shared_experts'] must be an integer >= 0, got {cfg['num_shared_experts']!r}")
+        if k > G_k * (E // G):
+            raise ValueError(f"topk_group ({G_k}) groups of {E // G} experts must hold at least "
+                             f"num_experts_per_tok ({k}) experts")
+
+    S = cfg["num_shared_experts"]
+    if isinstance(S, bool) or not isinstance(S, int) or S < 0:
+        raise ValueError(f"config['num_shared_experts'] must be an integer >= 0, got {S!r}")
     for key in ("shared_expert_hidden_dim", "latent_dim"):
         if cfg[key] is not None:
             check_positive_int(cfg, key)
+    if cfg["shared_expert_hidden_dim"] is not None and S == 0:
+        raise ValueError(f"config['shared_expert_hidden_dim'] ({cfg['shared_expert_hidden_dim']}) is the total "
+                         "width of the shared experts, but num_shared_experts is 0: set num_shared_experts >= 1 "
+                         "or shared_expert_hidden_dim to None")
+    if not isinstance(cfg["shared_expert_gate"], bool):
+        raise ValueError(f"config['shared_expert_gate'] must be True or False, got {cfg['shared_expert_gate']!r}")
+    if cfg["shared_expert_gate"] and S == 0:
+        raise ValueError("config['shared_expert_gate'] is True but there is no shared expert to gate: "
+                         "set num_shared_experts >= 1 or shared_expert_gate to False")
+    if cfg["latent_dim"] is not None and cfg["latent_dim"] > cfg["emb_dim"]:
+        raise ValueError(f"config['latent_dim'] must be None or between 1 and emb_dim ({cfg['emb_dim']}), "
+                         f"got {cfg['latent_dim']}")
     return cfg
 
 
 def shared_expert_hidden(cfg):
-    """Width of the (one) shared-expert MLP of a validated config; 0 means no shared expert."""
+    """Width of the (one) shared-expert MLP of a validated config; 0 means no shared expert.
+
+    num_shared_experts counts the shared experts; their total width is shared_expert_hidden_dim
+    when given, else num_shared_experts * moe_hidden_dim.
+    """
+    if cfg["num_shared_experts"] == 0:
+        return 0
     return cfg["shared_expert_hidden_dim"] or cfg["num_shared_experts"] * cfg["moe_hidden_dim"]
 
 
