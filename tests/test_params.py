@@ -13,9 +13,11 @@ COURSE_CONFIGS = {
     "moe gelu": MOE,
     "moe swiglu every 2nd layer": {**MOE, "expert_type": "swiglu", "moe_every_n_layers": 2},
     "fine-grained + shared": {**fine_grained(MOE, 2), "num_shared_experts": 2},
-    "gated shared expert": {**MOE, "expert_type": "swiglu", "shared_expert_hidden_dim": 40, "shared_expert_gate": True},
+    "gated shared expert": {**MOE, "expert_type": "swiglu", "num_shared_experts": 1, "shared_expert_hidden_dim": 40,
+                            "shared_expert_gate": True},
     "deepseek-style routing": {**MOE, "router_type": "sigmoid", "n_group": 3, "topk_group": 2, "num_shared_experts": 1},
-    "latent relu2": {**MOE, "expert_type": "relu2", "latent_dim": 8, "shared_expert_hidden_dim": 48},
+    "latent relu2": {**MOE, "expert_type": "relu2", "latent_dim": 8, "num_shared_experts": 1,
+                     "shared_expert_hidden_dim": 48},
 }
 
 
@@ -89,7 +91,7 @@ from utils.params import kv_cache_bytes, moe_layer_costs, weight_bytes  # noqa: 
     {"emb_dim": 32, "num_experts": 6, "num_experts_per_tok": 2, "moe_hidden_dim": 24, "expert_type": "swiglu",
      "num_shared_experts": 1, "shared_expert_gate": True},
     {"emb_dim": 32, "num_experts": 8, "num_experts_per_tok": 3, "moe_hidden_dim": 24, "expert_type": "relu2",
-     "latent_dim": 8, "shared_expert_hidden_dim": 40},
+     "latent_dim": 8, "num_shared_experts": 1, "shared_expert_hidden_dim": 40},
 ])
 def test_moe_layer_costs_match_the_module(cfg):
     from torch.utils.flop_counter import FlopCounterMode
