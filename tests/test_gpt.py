@@ -54,6 +54,18 @@ def test_model_is_causal():
     assert not torch.allclose(a[:, 7:], b[:, 7:])
 
 
+def test_model_with_capacity_limited_moe_is_causal():
+    torch.manual_seed(0)
+    cfg = {**TINY, "num_experts": 4, "num_experts_per_tok": 2, "moe_hidden_dim": 16, "capacity_factor": 1.0}
+    model = GPTModel(cfg).eval()                              # capacity_priority "position", the default
+    idx = torch.randint(0, TINY["vocab_size"], (4, 12))
+    changed = idx.clone()
+    changed[:, 7:] = (changed[:, 7:] + 1) % TINY["vocab_size"]
+    a, b = model(idx), model(changed)
+    assert torch.allclose(a[:, :7], b[:, :7], atol=1e-6)
+    assert not torch.allclose(a[:, 7:], b[:, 7:])
+
+
 def test_attention_weights_are_causal_and_normalised():
     torch.manual_seed(0)
     mha = MultiHeadAttention(32, 32, context_length=16, num_heads=4)

@@ -188,27 +188,92 @@ def test_z_loss():
     assert router_z_loss(logits) == pytest.approx(math.log(4) ** 2)
 
 
-def test_capacity_priority_and_dropping():
-    # 4 tokens, k=2, 2 experts, capacity 3: all first choices fit, then second choices in token order.
+def test_capacity_priority_orders():
+    # 4 tokens of one sequence, k=2, 2 experts, capacity 3.
     idx = torch.tensor([[0, 1], [0, 1], [0, 1], [1, 0]])
-    keep = capacity_keep_mask(idx, num_experts=2, capacity=3)
+    # GShard: all first choices (0, 0, 0, 1) fit, then second choices in token order.
+    keep = capacity_keep_mask(idx, num_experts=2, capacity=3, priority="gshard")
     assert keep.tolist() == [[True, True], [True, True], [True, False], [True, False]]
+    # Position: token by token, both choices of a token before the next token.
+    keep = capacity_keep_mask(idx, num_experts=2, capacity=3, priority="position")
+    assert keep.tolist() == [[True, True], [True, True], [True, True], [False, False]]
+    # Position counts per sequence: two copies of the sequence each get the full capacity.
+    batch = torch.stack([idx, idx])                                       # (B=2, T=4, k=2)
+    assert torch.equal(capacity_keep_mask(batch, 2, 3, "position"), torch.stack([keep, keep]))
+    # GShard counts over the whole batch: expert 0 is full after the first sequence's first choices,
+    # and the second sequence's first choice of expert 1 comes before the first sequence's second
+    # choices, of which only one still fits.
+    assert capacity_keep_mask(batch, 2, 3, "gshard").tolist() == [
+        [[True, True], [True, False], [True, False], [True, False]],
+        [[False, False], [False, False], [False, False], [True, False]]]
+    with pytest.raises(ValueError, match="priority"):
+        capacity_keep_mask(idx, 2, 3, "random")
 
 
-def test_capacity_factor_drops_and_dropped_tokens_get_zero_output():
-    x = torch.randn(2, 16, 16)
+@pytest.mark.parametrize("priority", ["position", "gshard"])
+def test_capacity_factor_drops_and_dropped_tokens_get_zero_output(priority):
+    B, T = 2, 16
+    x = torch.randn(B, T, 16)
     dropless = make()(x)
-    roomy = make(capacity_factor=100.0)
+    roomy = make(capacity_factor=100.0, capacity_priority=priority)
     assert torch.allclose(roomy(x), dropless, atol=1e-6) and roomy.last_routing["dropped_fraction"] == 0
-    tight = make(num_experts_per_tok=1, capacity_factor=0.25)
+    tight = make(num_experts_per_tok=1, capacity_factor=0.5, capacity_priority=priority)
     y = tight(x)
     stats = tight.last_routing
-    cap = tight.capacity(32)
-    assert cap == math.ceil(0.25 * 32 * 1 / 6)
-    assert stats["tokens_per_expert"].max() <= cap
+    idx = stats["topk_idx"].view(B, T)
+    if priority == "position":                                            # per sequence
+        cap = tight.capacity(T)
+        assert cap == math.ceil(0.5 * 16 * 1 / 6) == 2
+        for seq in idx:
+            kept = capacity_keep_mask(seq[:, None], 6, cap)[:, 0]
+            assert torch.bincount(seq[kept], minlength=6).max() <= cap
+    else:                                                                  # per batch
+        cap = tight.capacity(B * T)
+        assert cap == math.ceil(0.5 * 32 * 1 / 6) == 3
+        assert stats["tokens_per_expert"].max() <= cap
+    assert stats["dropped_fraction"] > 0
     assert stats["dropped_fraction"] == pytest.approx(1 - stats["tokens_per_expert"].sum().item() / 32)
     zero_rows = (y.reshape(32, 16).abs().sum(-1) == 0).float().mean().item()
     assert zero_rows == pytest.approx(stats["dropped_fraction"])  # k=1: a dropped token outputs 0
+
+
+def test_gshard_capacity_lets_a_later_token_change_an_earlier_one():
+    # 4 experts, top-2, capacity factor 1.0 on 2 tokens: each expert takes ceil(2 * 2 / 4) = 1.
+    # The router's logits are the input itself. Token 0 picks experts 0 then 1. If the last token
+    # picks expert 1 first, GShard serves that first choice before token 0's second choice and
+    # token 0 loses expert 1; if it picks experts 2 and 3, token 0 keeps both.
+    outputs = {}
+    for priority in ("gshard", "position"):
+        moe = make(emb_dim=4, num_experts=4, num_experts_per_tok=2, capacity_factor=1.0, capacity_priority=priority)
+        with torch.no_grad():
+            moe.router.gate.weight.copy_(torch.eye(4))
+        first = torch.tensor([3.0, 2.0, 0.0, 0.0])
+        a = moe(torch.stack([first, torch.tensor([0.0, 3.0, 2.0, 0.0])])[None])
+        assert moe.last_routing["topk_idx"].tolist() == [[0, 1], [1, 2]]
+        b = moe(torch.stack([first, torch.tensor([0.0, 0.0, 3.0, 2.0])])[None])
+        assert moe.last_routing["topk_idx"].tolist() == [[0, 1], [2, 3]]
+        outputs[priority] = a[0, 0], b[0, 0]
+    assert not torch.allclose(*outputs["gshard"])                          # token 0 changed
+    assert torch.equal(*outputs["position"])                               # token 0 did not
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("k, capacity_factor", [(2, 1.0), (1, 0.5), (3, 1.25)])
+def test_position_capacity_is_causal(seed, k, capacity_factor):
+    B, T = 3, 12
+    moe = make(seed=seed, num_experts_per_tok=k, capacity_factor=capacity_factor)
+    assert moe.capacity_priority == "position"                           # the default
+    torch.manual_seed(100 + seed)
+    x = torch.randn(B, T, 16)
+    y = moe(x)
+    assert moe.last_routing["dropped_fraction"] > 0                       # the capacity binds
+    for b in range(B):
+        changed = x.clone()
+        changed[b, -1] = torch.randn(16)
+        z = moe(changed)
+        assert torch.equal(z[:, :-1], y[:, :-1])                          # earlier positions: unchanged
+        others = [i for i in range(B) if i != b]
+        assert torch.equal(z[others], y[others])                          # other sequences: unchanged
 
 
 def count(module):

@@ -24,8 +24,14 @@ Config keys (in the same dict as the GPT's keys; see MOE_OPTIONAL_KEYS for the d
     aux_loss_coef        weight of the Switch-Transformer load-balancing loss
     seq_aux_loss_coef    weight of DeepSeek-V3's sequence-wise balance loss
     z_loss_coef          weight of the ST-MoE router z-loss
-    capacity_factor      None: dropless. A number c: each expert takes at most ceil(c * N * k / E)
-                         assignments per batch; the rest are dropped (the token keeps its residual)
+    capacity_factor      None: dropless. A number c: each expert takes at most ceil(c * n * k / E)
+                         assignments from a pool of n tokens; the rest are dropped (the token keeps
+                         its residual). What the pool is and who is served first: capacity_priority
+    capacity_priority    "position" (default): the pool is one sequence (n = T) and tokens are served
+                         in order, so a token's routing depends only on the tokens before it (causal);
+                         "gshard": the pool is the whole batch (n = N) and every token's first choice
+                         comes before any second choice, as in GShard and Switch - not causal in a
+                         decoder (a later token can take an earlier token's place)
     num_shared_experts   always-active experts of width moe_hidden_dim (DeepSeekMoE), added to the
                          routed output; stored as one MLP of width num_shared_experts * moe_hidden_dim
                          (the same function)
@@ -61,6 +67,7 @@ MOE_OPTIONAL_KEYS = {
     "seq_aux_loss_coef": 0.0,
     "z_loss_coef": 0.0,
     "capacity_factor": None,
+    "capacity_priority": "position",
     "num_shared_experts": 0,
     "shared_expert_hidden_dim": None,
     "shared_expert_gate": False,
@@ -71,6 +78,7 @@ MOE_OPTIONAL_KEYS = {
 EXPERT_TYPES = ("gelu", "swiglu", "relu2")
 ROUTER_TYPES = ("softmax", "sigmoid")
 DISPATCH_MODES = ("sorted", "loop")
+CAPACITY_PRIORITIES = ("position", "gshard")
 
 
 def _check_number(cfg, key, minimum, strict):
@@ -96,7 +104,7 @@ def validate_moe_config(cfg):
     if k > E:
         raise ValueError(f"num_experts_per_tok ({k}) must be <= num_experts ({E})")
     for key, allowed in (("expert_type", EXPERT_TYPES), ("router_type", ROUTER_TYPES),
-                         ("moe_dispatch", DISPATCH_MODES)):
+                         ("moe_dispatch", DISPATCH_MODES), ("capacity_priority", CAPACITY_PRIORITIES)):
         if cfg[key] not in allowed:
             raise ValueError(f"config[{key!r}] must be one of {allowed}, got {cfg[key]!r}")
     for key in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate"):
@@ -343,17 +351,38 @@ def dispatch_sorted(x, token_idx, expert_idx, weight, experts):
 DISPATCH = {"loop": dispatch_loop, "sorted": dispatch_sorted}
 
 
-def capacity_keep_mask(topk_idx, num_experts, capacity):
-    """Which of the (N, k) assignments fit in each expert's capacity.
+def _first_served(queues, num_experts, capacity):
+    """queues: (P, A) expert ids, each row a pool in serving order -> (P, A) bool: is the
+    assignment among the first `capacity` its expert receives in that pool?"""
+    one_hot = F.one_hot(queues, num_experts)                             # (P, A, E)
+    arrivals = (one_hot.cumsum(1) * one_hot).sum(-1) - 1                 # 0 for an expert's first arrival
+    return arrivals < capacity
 
-    Priority as in GShard: every token's first choice comes before any second choice, and within a
-    choice level, earlier tokens come first. Returns a bool mask (N, k).
+
+def capacity_keep_mask(topk_idx, num_experts, capacity, priority="position"):
+    """Which assignments fit in their expert's capacity: a bool mask of topk_idx's shape.
+
+    topk_idx: (B, T, k) the experts chosen by each token of B sequences ((T, k): one sequence).
+    Every expert serves at most `capacity` assignments from each pool, first come first served;
+    the priority decides the pools and the serving order:
+
+    "position"  each sequence is its own pool, served token by token: all k choices of token t
+                before any choice of token t+1. Whether token t keeps an assignment depends only
+                on the choices of tokens 0..t of its own sequence, so the layer stays causal.
+    "gshard"    the whole batch is one pool, served choice by choice (GShard, Switch): the first
+                choices of all B*T tokens, in token order, then all second choices, and so on. A
+                token's second choice can be pushed out by a *later* token's first choice.
     """
-    N, k = topk_idx.shape
-    by_priority = topk_idx.T.reshape(-1)                                 # slot-major order
-    one_hot = F.one_hot(by_priority, num_experts)                        # (k*N, E)
-    position_in_expert = (one_hot.cumsum(0) * one_hot).sum(-1) - 1       # 0 for the first arrival
-    return (position_in_expert < capacity).reshape(k, N).T
+    if priority not in CAPACITY_PRIORITIES:
+        raise ValueError(f"priority must be one of {CAPACITY_PRIORITIES}, got {priority!r}")
+    k = topk_idx.shape[-1]
+    if priority == "position":
+        T = topk_idx.shape[-2]
+        queues = topk_idx.reshape(-1, T * k)                         # (B, T*k): token-major per sequence
+        return _first_served(queues, num_experts, capacity).reshape(topk_idx.shape)
+    by_choice = topk_idx.reshape(-1, k).T.reshape(1, -1)                # (1, k*N): choice-major, whole batch
+    keep = _first_served(by_choice, num_experts, capacity)
+    return keep.reshape(k, -1).T.reshape(topk_idx.shape)
 
 
 def load_balancing_loss(probs, topk_idx):
@@ -411,6 +440,7 @@ class MoEFeedForward(nn.Module):
         self.z_loss_coef = cfg["z_loss_coef"]
         self.bias_update_rate = cfg["bias_update_rate"]
         self.capacity_factor = cfg["capacity_factor"]
+        self.capacity_priority = cfg["capacity_priority"]
         self.dispatch = DISPATCH[cfg["moe_dispatch"]]
         self.router = TopKRouter(D, self.num_experts, self.top_k, cfg["router_type"], cfg["norm_topk_prob"],
                                  cfg["routed_scaling_factor"], cfg["n_group"], cfg["topk_group"])
@@ -431,7 +461,9 @@ class MoEFeedForward(nn.Module):
         return y
 
     def capacity(self, num_tokens):
-        """Assignments each expert may take in a batch of num_tokens (None when dropless)."""
+        """Assignments each expert may take from a pool of num_tokens tokens (None when dropless):
+        ceil(capacity_factor * num_tokens * k / E). The pool is one sequence (num_tokens = T) for
+        capacity_priority "position", the whole batch (B*T) for "gshard"."""
         if self.capacity_factor is None:
             return None
         return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
@@ -443,7 +475,9 @@ class MoEFeedForward(nn.Module):
         N, k = topk_idx.shape
         keep = torch.ones_like(topk_idx, dtype=torch.bool)
         if self.capacity_factor is not None:
-            keep = capacity_keep_mask(topk_idx, self.num_experts, self.capacity(N))
+            pool = T if self.capacity_priority == "position" else N
+            keep = capacity_keep_mask(topk_idx.view(B, T, k), self.num_experts, self.capacity(pool),
+                                      self.capacity_priority).view(N, k)
         token_idx = torch.arange(N, device=x.device).repeat_interleave(k)  # (N*k,) token of each assignment
         keep_flat = keep.reshape(-1)
         routed = self.dispatch(self.to_experts(flat), token_idx[keep_flat], topk_idx.reshape(-1)[keep_flat],
