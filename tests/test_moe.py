@@ -183,6 +183,19 @@ def test_load_balancing_loss_values_and_transformers_convention():
     assert load_balancing_loss_func((logits,), E, k) == pytest.approx(k * ours.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("E, k", [(8, 1), (8, 2), (6, 3)])
+def test_load_balancing_loss_maximum_is_E_over_k(E, k):
+    N = 10
+    collapsed_idx = torch.arange(k).repeat(N, 1)                        # every token -> experts 0..k-1
+    collapsed_probs = torch.zeros(N, E)
+    collapsed_probs[:, :k] = 1 / k
+    assert load_balancing_loss(collapsed_probs, collapsed_idx).item() == pytest.approx(E / k)
+    torch.manual_seed(0)
+    for _ in range(20):                                                  # nothing exceeds it
+        probs = torch.softmax(3 * torch.randn(N, E), -1)
+        assert load_balancing_loss(probs, torch.topk(probs, k, -1).indices) <= E / k + 1e-6
+
+
 def test_z_loss():
     logits = torch.zeros(3, 4)
     assert router_z_loss(logits) == pytest.approx(math.log(4) ** 2)

@@ -390,7 +390,9 @@ def load_balancing_loss(probs, topk_idx):
 
     f_i: the fraction of the N*k assignments that go to expert i (not differentiable);
     P_i: the mean router probability of expert i (differentiable).
-    The loss is 1 for perfectly uniform routing and grows to E when everything goes to one expert.
+    The loss is 1 for perfectly uniform routing. Its maximum is E / k: each token sends at most
+    one assignment to an expert, so f_i <= 1 / k and the loss <= E / k * sum_i P_i = E / k,
+    reached when all tokens go to the same k experts and put all their probability on them.
     """
     E = probs.shape[-1]
     f = torch.bincount(topk_idx.reshape(-1), minlength=E).float() / topk_idx.numel()
