@@ -7,12 +7,13 @@ import warnings
 import pytest
 import torch
 
-from utils.params import HF_FAMILIES, count_parameters, load_model_config, published_comparison
+from utils.params import (HF_FAMILIES, MLA_FAMILIES, attention_layer_types, cached_tokens_per_layer,
+                          count_parameters, kv_cache_bytes, load_model_config, published_comparison)
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 transformers.logging.set_verbosity_error()
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "utils" / "assets" / "model_configs"
@@ -137,3 +138,102 @@ def test_errors_name_what_is_wrong():
         count_parameters(cfg)
     with pytest.raises(ValueError, match="available"):
         load_model_config("gpt-5")
+
+
+# ----------------------------------------------------------------------------------------------
+# KV cache: kv_cache_bytes against the cache transformers itself fills during a prefill.
+
+# Settings that make some layers keep fewer tokens than a prompt of LONG tokens; no layer_types
+# given, so each family's own default (what a config.json without the field gets) is exercised.
+WINDOWED = {
+    "mixtral": dict(sliding_window=4),                                      # every layer slides
+    "qwen2_moe": dict(use_sliding_window=True, sliding_window=4, max_window_layers=3),  # layers 0, 2
+    "qwen3_moe": dict(use_sliding_window=True, sliding_window=4),           # every layer slides
+    "gpt_oss": dict(sliding_window=4),                                      # layers 0, 2, 4
+    "llama4_text": dict(attention_chunk_size=4),                            # all but layer 3 (NoPE)
+}
+LONG, BATCH = 11, 2
+
+
+def prefill_cache(cfg, length, batch=BATCH):
+    """(bytes of every key/value tensor in the cache after one forward pass over a random prompt
+    of shape (batch, length), the cache's first layer keys)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        cache = model(torch.randint(0, cfg.vocab_size, (batch, length)), use_cache=True).past_key_values
+    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    return held, cache.layers[0].keys
+
+
+def raw_config(family, **extra):
+    """A config.json-like dict: only the fields we set, no layer_types."""
+    kwargs = {k: v for k, v in FAMILY_CONFIGS[family].items() if k != "layer_types"}
+    return {"model_type": family, **SMALL, **kwargs, **extra}
+
+
+@pytest.mark.parametrize("family", [f for f in HF_FAMILIES if f not in MLA_FAMILIES])
+@pytest.mark.parametrize("length", [3, LONG])
+def test_kv_cache_equals_transformers_cache_after_prefill(family, length):
+    raw = raw_config(family, **WINDOWED.get(family, {}))
+    cfg = AutoConfig.for_model(**raw)
+    held, _ = prefill_cache(cfg, length)
+    assert kv_cache_bytes(raw, length, BATCH, "float32") == held
+    assert kv_cache_bytes(cfg.to_dict(), length, BATCH, "float32") == held
+    if family in WINDOWED and length == LONG:                  # the windows really cut the cache
+        all_full = {**raw, "layer_types": ["full_attention"] * raw["num_hidden_layers"]}
+        assert held < kv_cache_bytes(all_full, length, BATCH, "float32")
+
+
+@pytest.mark.parametrize("family", MLA_FAMILIES)
+def test_mla_cache_is_the_latent_and_rope_key(family):
+    # Serving engines (vLLM, SGLang) cache MLA's compressed latent and the shared rotary key; that
+    # is what kv_cache_bytes counts. Recent transformers caches the same two tensors; transformers
+    # 5.0 cached keys and values expanded per head. Whichever this transformers does, its cache must
+    # have exactly that size.
+    raw = raw_config(family, num_key_value_heads=SMALL["num_attention_heads"])   # as in DeepSeek's configs
+    cfg = AutoConfig.for_model(**raw)
+    L, nh = raw["num_hidden_layers"], raw["num_attention_heads"]
+    latent, rope = raw["kv_lora_rank"], raw["qk_rope_head_dim"]
+    ours = kv_cache_bytes(raw, LONG, BATCH, "float32")
+    assert ours == BATCH * LONG * L * (latent + rope) * 4
+    held, keys = prefill_cache(cfg, LONG)
+    if keys.shape[1] == 1 and keys.shape[-1] == latent:       # one "head" holding the latent
+        assert held == ours
+    else:                                                     # per head: key (nope + rope) and value
+        per_head = raw["qk_nope_head_dim"] + rope + raw["v_head_dim"]
+        assert held == BATCH * LONG * L * nh * per_head * 4
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_shipped_configs_cache_what_transformers_caches(name):
+    # transformers' cache, built from the shipped config, fed 8192 tokens in every layer: each layer
+    # keeps what cached_tokens_per_layer says (gpt-oss-20b's config.json has no layer_types).
+    raw, length = load(name), 8192
+    cache = DynamicCache(config=AutoConfig.for_model(**raw))
+    kept = []
+    for layer in cache.layers:
+        x = torch.zeros(1, 1, length, 1)
+        layer.update(x, x)
+        kept.append(layer.keys.shape[-2])
+    assert cached_tokens_per_layer(raw, length) == kept
+    assert len(kept) == raw["num_hidden_layers"]
+
+
+def test_gpt_oss_alternates_sliding_and_full_layers_without_layer_types():
+    raw = load("gpt-oss-20b")
+    assert "layer_types" not in raw
+    assert attention_layer_types(raw) == AutoConfig.for_model(**raw).layer_types
+    assert attention_layer_types(raw)[:2] == ["sliding_attention", "full_attention"]
+
+
+def test_kv_cache_errors_name_the_field():
+    gpt_oss = raw_config("gpt_oss", sliding_window=None)
+    with pytest.raises(ValueError, match="sliding_window"):
+        kv_cache_bytes(gpt_oss, 100)
+    with pytest.raises(ValueError, match="layer_types"):
+        kv_cache_bytes(raw_config("mixtral", layer_types=["full_attention"]), 100)
+    with pytest.raises(ValueError, match="layer_types"):
+        kv_cache_bytes(raw_config("olmoe", layer_types=["linear_attention"] * SMALL["num_hidden_layers"]), 100)
+    with pytest.raises(ValueError, match="attention_chunk_size"):
+        kv_cache_bytes(raw_config("llama4_text", attention_chunk_size=1), 100)

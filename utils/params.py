@@ -9,7 +9,9 @@ returns a dict with
     components       {component: parameters}, e.g. embedding, attention, routed_experts, ...
     active_components  the same, as used by one token
 `parameter_breakdown(model)` counts the same components from an instantiated course model, so the
-two can be checked against each other.
+two can be checked against each other. `weight_bytes` and `kv_cache_bytes` turn counts and configs
+into memory; `attention_layer_types` and `cached_tokens_per_layer` say which layers of a Hugging
+Face config attend to everything, to a sliding window, or to a chunk (and keep that many tokens).
 """
 import json
 import pathlib
@@ -261,30 +263,108 @@ def weight_bytes(num_params, dtype="bfloat16"):
     return num_params * BYTES_PER_VALUE[dtype]
 
 
+# ----------------------------------------------------------------------------------------------
+# Which tokens each attention layer of a Hugging Face config keeps, as transformers decides it.
+
+ATTENTION_KINDS = ("full_attention", "sliding_attention", "chunked_attention")
+MLA_FAMILIES = ("deepseek_v2", "deepseek_v3")
+
+
+def _sliding_window(cfg):
+    """The sliding window in tokens, or None, as the family's transformers config resolves it."""
+    mt, f = cfg["model_type"], lambda key, default=REQUIRED: _field(cfg, key, default)
+    if mt in ("qwen2_moe", "qwen3_moe"):                     # the window applies only when switched on
+        return f("sliding_window", 4096) if f("use_sliding_window", False) else None
+    return f("sliding_window", 128 if mt == "gpt_oss" else None)
+
+
+def _chunk_size(cfg):
+    """Llama 4's attention_chunk_size in tokens (transformers' default 8192), or None."""
+    return _field(cfg, "attention_chunk_size", 8192 if cfg["model_type"] == "llama4_text" else None)
+
+
+def _default_layer_types(cfg, L):
+    """The layer_types a family's transformers config fills in when config.json has none."""
+    mt, f = cfg["model_type"], lambda key, default=REQUIRED: _field(cfg, key, default)
+    if mt == "gpt_oss":                                        # layers 0, 2, 4, ... slide, the others see all
+        return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(L)]
+    if mt == "qwen2_moe":                                      # even layers below max_window_layers slide
+        on, below = f("use_sliding_window", False), f("max_window_layers", 28)
+        return ["sliding_attention" if on and i % 2 == 0 and i < below else "full_attention" for i in range(L)]
+    if mt == "llama4_text":
+        # no_rope_layers[i] == 1 means layer i DOES use RoPE (transformers' name); those layers attend
+        # within chunks of attention_chunk_size tokens, the NoPE layers (every 4th by default) see all.
+        interval = f("no_rope_layer_interval", 4)
+        uses_rope = f("no_rope_layers", None) or [int((i + 1) % interval != 0) for i in range(L)]
+        chunked = _chunk_size(cfg) is not None
+        return ["chunked_attention" if rope and chunked else "full_attention" for rope in uses_rope]
+    if mt in ("mixtral", "qwen3_moe") and _sliding_window(cfg) is not None:   # Mistral-style: all slide
+        return ["sliding_attention"] * L
+    return ["full_attention"] * L
+
+
+def attention_layer_types(config):
+    """Kind of attention of each layer of a Hugging Face config dict: a list of num_hidden_layers
+    names from ATTENTION_KINDS. config.json's layer_types when it has them, otherwise what the
+    family's transformers config class fills in."""
+    L = _field(config, "num_hidden_layers")
+    types = _field(config, "layer_types", None) or _default_layer_types(config, L)
+    if len(types) != L:
+        raise ValueError(f"layer_types has {len(types)} entries but num_hidden_layers is {L}")
+    unknown = sorted(set(types) - set(ATTENTION_KINDS))
+    if unknown:
+        raise ValueError(f"layer_types holds {unknown}; supported: {ATTENTION_KINDS}")
+    return list(types)
+
+
+def cached_tokens_per_layer(config, context_length):
+    """Tokens whose keys and values each layer keeps after reading context_length tokens: a list
+    of num_hidden_layers ints.
+
+    full_attention keeps every token. A sliding_attention layer with window W lets a token see
+    itself and the W - 1 tokens before it, so it keeps the last W - 1. A chunked_attention layer
+    (Llama 4) lets a token see only the earlier tokens of its own chunk of attention_chunk_size = C
+    tokens, at most C - 1; it keeps the last C - 1, like a window of C. This is what transformers'
+    DynamicCache holds after a prefill; a preallocated ring buffer (transformers' StaticCache,
+    serving engines) reserves one more slot per layer, for the incoming token.
+    """
+    spans = {"sliding_attention": ("sliding_window", _sliding_window(config)),
+             "chunked_attention": ("attention_chunk_size", _chunk_size(config))}
+    tokens = []
+    for kind in attention_layer_types(config):
+        if kind == "full_attention":
+            tokens.append(context_length)
+            continue
+        name, span = spans[kind]
+        if not isinstance(span, int) or span < 2:
+            raise ValueError(f"{config['model_type']} has {kind} layers, so {name} must be an int >= 2, got {span!r}")
+        tokens.append(min(context_length, span - 1))
+    return tokens
+
+
 def kv_cache_bytes(config, context_length, batch_size=1, dtype="bfloat16"):
     """Memory of the attention cache for batch_size sequences of context_length tokens.
 
-    Standard attention caches K and V: 2 * n_kv_heads * head_dim values per token and layer.
-    DeepSeek's multi-head latent attention caches one compressed latent and the shared rotary
-    key instead: kv_lora_rank + qk_rope_head_dim values. Layers marked "sliding_attention" in a
-    config's layer_types keep at most sliding_window tokens. MoE layers change none of this.
+    Standard attention caches K and V: 2 * n_kv_heads * head_dim values per token and layer, for
+    the tokens cached_tokens_per_layer gives (fewer in sliding-window and chunked layers).
+    DeepSeek's multi-head latent attention (MLA) caches one compressed latent and the shared rotary
+    key instead: kv_lora_rank + qk_rope_head_dim values per token and layer. That is what serving
+    engines (vLLM, SGLang) store, and what recent transformers caches; transformers 5.0 cached the
+    keys and values expanded per head, n_heads * (qk_nope_head_dim + qk_rope_head_dim + v_head_dim)
+    values. MoE layers change none of this.
     """
     per_value = weight_bytes(1, dtype)
     if "model_type" not in config:                             # a course config: full multi-head attention
         cfg = validate_gpt_config(config, extra_optional=MOE_OPTIONAL_KEYS)
         return batch_size * context_length * cfg["n_layers"] * 2 * cfg["emb_dim"] * per_value
     f = lambda key, default=REQUIRED: _field(config, key, default)
-    L, nh = f("num_hidden_layers"), f("num_attention_heads")
-    if config["model_type"] in ("deepseek_v2", "deepseek_v3"):
+    if config["model_type"] in MLA_FAMILIES:
         per_token_layer = f("kv_lora_rank") + f("qk_rope_head_dim")
-        return batch_size * context_length * L * per_token_layer * per_value
+        return batch_size * context_length * f("num_hidden_layers") * per_token_layer * per_value
+    nh = f("num_attention_heads")
     nkv = f("num_key_value_heads", None) or nh
     hd = f("head_dim", None) or f("hidden_size") // nh
-    layer_types = f("layer_types", None) or ["full_attention"] * L
-    window = f("sliding_window", None)
-    tokens = [min(context_length, window) if t == "sliding_attention" and window else context_length
-              for t in layer_types]
-    return batch_size * sum(tokens) * 2 * nkv * hd * per_value
+    return batch_size * sum(cached_tokens_per_layer(config, context_length)) * 2 * nkv * hd * per_value
 
 
 def load_model_config(name):
