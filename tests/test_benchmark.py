@@ -29,3 +29,42 @@ def test_benchmark_runs_every_module_and_reports_ratios():
     assert all(p.grad is None for m in modules.values() for p in m.parameters())  # left clean
     with pytest.raises(ValueError, match="repeats"):
         time_forward_backward(modules, torch.randn(2, 8, 16), repeats=0)
+
+
+class Recorder(torch.nn.Module):
+    """A stub layer that logs when it runs."""
+
+    def __init__(self, name, log):
+        super().__init__()
+        self.name, self.log = name, log
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        self.log.append(self.name)
+        return x * self.w
+
+
+def test_benchmark_rotates_the_order_and_synchronises(monkeypatch):
+    import utils.benchmark as benchmark
+
+    log, syncs = [], []
+    monkeypatch.setattr(benchmark, "synchronize", lambda device: syncs.append((torch.device(device), len(log))))
+    modules = {name: Recorder(name, log) for name in "abc"}
+    benchmark.time_forward_backward(modules, torch.randn(2, 3), repeats=4, warmup=1)
+    rounds = [log[i:i + 3] for i in range(0, len(log), 3)]
+    assert rounds == [list("abc"), list("bca"), list("cab"), list("abc"), list("bca")]
+    # The clock is read after a synchronisation before and after every module's pass.
+    assert [n for _, n in syncs] == [n for i in range(len(log)) for n in (i, i + 1)]
+    assert all(d == torch.device("cpu") for d, _ in syncs)
+
+
+def test_synchronize_waits_for_the_inputs_device(monkeypatch):
+    import utils.benchmark as benchmark
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("cuda", device)))
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: calls.append(("mps", None)))
+    benchmark.synchronize("cpu")
+    benchmark.synchronize(torch.device("cuda", 1))
+    benchmark.synchronize("mps")
+    assert calls == [("cuda", torch.device("cuda", 1)), ("mps", None)]

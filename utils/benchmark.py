@@ -1,7 +1,8 @@
 """Speed as ratios: forward+backward time of several layers on the same input, in one process.
 
 Absolute seconds depend on the machine and on whatever else it is doing; the ratio between two
-layers measured side by side (interleaved, median of repeats) is what carries over.
+layers measured side by side (interleaved in a rotating order, median of repeats) is what carries
+over. On a GPU the clock is read only after the device has finished its queued work.
 """
 import statistics
 import time
@@ -26,6 +27,19 @@ class DenseEquivalent(nn.Module):
         return self.mlp([x])[0]
 
 
+def synchronize(device):
+    """Wait until `device` (CUDA or Apple MPS) has finished its queued work; CPU work is already done.
+
+    GPU kernels run asynchronously: without this, the clock would measure how long it took to
+    queue the work, not to do it.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def _forward_backward(module, x):
     x = x.detach().requires_grad_(True)
     out = module(x)
@@ -37,16 +51,21 @@ def _forward_backward(module, x):
 def time_forward_backward(modules, x, repeats=15, warmup=3):
     """Median seconds of one forward+backward pass for each module on the same x.
 
-    modules: {name: nn.Module}. The modules are run in turn within every repeat, so a slow
-    moment of the machine affects all of them alike.
+    modules: {name: nn.Module}. The modules are run in turn within every repeat, so a slow moment
+    of the machine affects all of them alike; the turn order rotates by one each repeat, so no
+    module always runs first (right after the others' memory traffic, or after a pause).
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    times = {name: [] for name in modules}
+    names = list(modules)
+    times = {name: [] for name in names}
     for i in range(warmup + repeats):
-        for name, module in modules.items():
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            synchronize(x.device)
             start = time.perf_counter()
-            _forward_backward(module, x)
+            _forward_backward(modules[name], x)
+            synchronize(x.device)
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
