@@ -77,10 +77,17 @@ def count_parameters(config):
 # models instantiated on the meta device). Buffers are not parameters: DeepSeek-V3's and GLM-4.5's
 # per-expert selection biases (E numbers per layer) are not counted, as in `transformers`.
 
-# What publishers leave out when they quote "active" parameters (from published.json's sources:
-# DeepSeek-V3's README_WEIGHTS.md and the gpt-oss model card count the output head, not the input
-# embedding). The others count both.
+# What publishers leave out when they quote "active" parameters. The gpt-oss model card counts the
+# output head, not the input embedding. DeepSeek-V3 says "37B activated" (README.md), and in
+# README_WEIGHTS.md the sentence DEEPSEEK_V3_WEIGHTS_QUOTE, which a direct count does not reproduce:
+# counting both 0.9B matrices gives one matrix more than its 36.7B; leaving the input embedding out
+# comes within 0.1B of it and rounds to the headline 37B, so that is the convention used for
+# DeepSeek-V3 too (tests/test_params_hf.py checks both). The others count both.
 PUBLISHED_ACTIVE_EXCLUDES = {"deepseek-v3": ("embedding",), "gpt-oss-20b": ("embedding",)}
+# README_WEIGHTS.md of github.com/deepseek-ai/DeepSeek-V3, "Main Model Weights", word for word (the
+# markdown bold around the number removed).
+DEEPSEEK_V3_WEIGHTS_QUOTE = ("Activation parameters: 36.7B (including 0.9B for Embedding and 0.9B for "
+                             "the output Head).")
 MODEL_CONFIGS = pathlib.Path(__file__).with_name("assets") / "model_configs"
 
 HF_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
