@@ -24,8 +24,36 @@ def test_shape_and_aux_loss():
     stats = moe.last_routing
     assert stats["tokens_per_expert"].sum() == 3 * 5 * 2
     assert stats["topk_idx"].shape == (15, 2)
-    assert stats["load_imbalance"] >= 1.0 and stats["dropped_fraction"] == 0.0
+    counts = torch.bincount(stats["topk_idx"].flatten(), minlength=6)
+    assert torch.equal(stats["tokens_per_expert"], counts)
+    assert stats["load_imbalance"] == pytest.approx(counts.max().item() / 5.0)   # mean: 30 / 6
+    assert stats["dropped_fraction"] == 0.0
     assert 0 < stats["router_entropy"] <= math.log(6) + 1e-6
+
+
+def test_routing_stats_exact_values():
+    from utils.moe import routing_stats
+
+    E = 4
+    uniform = torch.full((8, E), 1 / E)
+    balanced = torch.tensor([[0, 1], [2, 3]] * 4)                          # 4 assignments each
+    stats = routing_stats(uniform, balanced)
+    assert stats["tokens_per_expert"].tolist() == [4, 4, 4, 4]
+    assert stats["load_imbalance"] == 1.0 and stats["dropped_fraction"] == 0.0
+    assert stats["router_entropy"] == pytest.approx(math.log(E))
+    skewed = torch.tensor([[0, 1]] * 6 + [[2, 3]] * 2)                     # counts 6, 6, 2, 2; mean 4
+    stats = routing_stats(uniform, skewed)
+    assert stats["tokens_per_expert"].tolist() == [6, 6, 2, 2] and stats["load_imbalance"] == 1.5
+    collapsed = torch.zeros(8, 1, dtype=torch.long)                        # everything to expert 0
+    one_hot = torch.zeros(8, E)
+    one_hot[:, 0] = 1
+    stats = routing_stats(one_hot, collapsed)
+    assert stats["load_imbalance"] == E and stats["router_entropy"] == pytest.approx(0.0, abs=1e-6)
+    keep = torch.ones(8, 2, dtype=torch.bool)
+    keep[:4, 0] = False                                                    # drop 4 of expert 0's 6
+    stats = routing_stats(uniform, skewed, keep)
+    assert stats["tokens_per_expert"].tolist() == [2, 6, 2, 2]
+    assert stats["load_imbalance"] == 2.0 and stats["dropped_fraction"] == 0.25
 
 
 @pytest.mark.parametrize("bad, message", [

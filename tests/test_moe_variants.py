@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from utils.gpt import GPTModel
-from utils.moe import (LatentMoE, MoEFeedForward, TopKRouter, fine_grained, make_moe, moe_layers,
-                       sequence_balance_loss, update_expert_biases)
+from utils.moe import (LatentMoE, MoEFeedForward, TopKRouter, fine_grained, load_balancing_loss, make_moe,
+                       moe_layers, sequence_balance_loss, update_expert_biases)
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -100,11 +100,27 @@ def test_bias_changes_selection_but_not_gate_values():
 
 
 def test_group_limited_routing_stays_in_the_best_groups():
+    E, G, G_k, k = 16, 4, 2, 4
     torch.manual_seed(0)
-    router = TopKRouter(16, 16, 4, router_type="sigmoid", n_group=4, topk_group=2)
-    _, _, _, idx, _ = router(torch.randn(100, 16))
-    groups_used = (idx // 4).sort(-1).values
-    assert all(len(set(row)) <= 2 for row in groups_used.tolist())
+    router = TopKRouter(16, E, k, router_type="sigmoid", n_group=G, topk_group=G_k)
+    with torch.no_grad():
+        router.expert_bias.copy_(0.2 * torch.randn(E))
+    x = torch.randn(200, 16)
+    _, _, _, idx, _ = router(x)
+    # The groups' scores, computed here independently: per token and group of 4 experts, the sum
+    # of the two largest biased affinities sigmoid(x W^T) + bias.
+    biased = torch.sigmoid(x @ router.gate.weight.detach().T) + router.expert_bias
+    n_outside = 0
+    for token in range(200):
+        group_scores = [sorted(biased[token, g * 4:(g + 1) * 4].tolist())[-2:] for g in range(G)]
+        group_scores = [sum(pair) for pair in group_scores]
+        best = set(sorted(range(G), key=lambda g: group_scores[g])[-G_k:])
+        assert {e // 4 for e in idx[token].tolist()} <= best
+        allowed = [e for e in range(E) if e // 4 in best]
+        expected = sorted(allowed, key=lambda e: biased[token, e].item())[-k:]
+        assert sorted(idx[token].tolist()) == sorted(expected)          # the k best inside those groups
+        n_outside += any(e // 4 not in best for e in biased[token].topk(k).indices.tolist())
+    assert n_outside > 20                     # without the group limit, many tokens would leave them
 
 
 def test_aux_loss_free_bias_update():
@@ -117,7 +133,36 @@ def test_aux_loss_free_bias_update():
     update_expert_biases(model)
     expected = 0.01 * torch.sign(load.mean() - load)
     assert torch.equal(moe.router.expert_bias, expected)
-    assert moe.aux_loss.item() == 0.0 and not any(p.grad is not None for p in moe.parameters())
+    assert moe.aux_loss.item() == 0.0
+
+
+def test_expert_bias_gets_no_gradient_and_does_not_change_the_gates_gradient():
+    # With a bias that changes selections: the bias must stay out of the autograd graph, and the
+    # router's gradient may depend on which experts were selected, but not on the bias itself.
+    # Adding the same constant to every expert's bias changes no selection; if the gates were
+    # computed from the biased scores, the renormalised gates and their gradient would change.
+    cfg = {"emb_dim": 16, "num_experts": 8, "num_experts_per_tok": 2, "moe_hidden_dim": 8,
+           "router_type": "sigmoid", "norm_topk_prob": True, "bias_update_rate": 0.01, "aux_loss_coef": 0.0}
+    torch.manual_seed(0)
+    x = torch.randn(2, 20, 16)
+    bias = 0.2 * torch.randn(8)
+    results = []
+    for shift in (0.0, 0.7):
+        torch.manual_seed(1)
+        moe = MoEFeedForward(cfg)
+        with torch.no_grad():
+            moe.router.expert_bias.copy_(bias + shift)
+        moe.router.expert_bias.requires_grad_(True)          # let autograd report any use of it
+        y = moe(x)
+        (y.pow(2).sum() + moe.aux_loss).backward()
+        assert moe.router.expert_bias.grad is None
+        results.append((moe.last_routing["topk_idx"], y.detach(), moe.router.gate.weight.grad))
+    (idx0, y0, g0), (idx1, y1, g1) = results
+    unbiased = MoEFeedForward(cfg)
+    unbiased(x)
+    assert not torch.equal(unbiased.last_routing["topk_idx"], idx0)     # the bias does change selections
+    assert torch.equal(idx0, idx1) and torch.allclose(y0, y1, atol=1e-6)
+    assert g0.abs().sum() > 0 and torch.allclose(g0, g1, atol=1e-6)
 
 
 def test_sequence_balance_loss():
@@ -128,6 +173,21 @@ def test_sequence_balance_loss():
     one_hot = torch.zeros(2 * T, E)
     one_hot[:, 0] = 1
     assert sequence_balance_loss(one_hot, torch.zeros(2 * T, k, dtype=torch.long), 2).item() == pytest.approx(E)
+
+
+def test_sequence_balance_loss_sees_collapsed_sequences_in_a_balanced_batch():
+    # E=4, k=2: sequence 0 sends every token to experts 0 and 1, sequence 1 to experts 2 and 3.
+    # Over the batch every expert gets a quarter of the assignments and a quarter of the
+    # probability, so the batch-level Switch loss is 1, perfectly balanced. Within each sequence
+    # two experts get everything: f = E/k = 2 for each, P = 1/2 each, so the loss is E/k = 2.
+    E, k, T = 4, 2, 6
+    idx = torch.cat([torch.tensor([[0, 1]]).repeat(T, 1), torch.tensor([[2, 3]]).repeat(T, 1)])   # (2T, k)
+    probs = torch.zeros(2 * T, E)
+    probs[:T, :2] = probs[T:, 2:] = 0.5
+    assert load_balancing_loss(probs, idx).item() == pytest.approx(1.0)
+    assert sequence_balance_loss(probs, idx, batch_size=2).item() == pytest.approx(E / k)
+    # Treated as a single sequence of 2T tokens, the same routing is balanced.
+    assert sequence_balance_loss(probs, idx, batch_size=1).item() == pytest.approx(1.0)
 
 
 def count(module):
