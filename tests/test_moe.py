@@ -181,18 +181,25 @@ def test_matches_transformers_mixtral_sparse_moe_block():
                 expert_type="swiglu", norm_topk_prob=True).eval()
     theirs = MixtralSparseMoeBlock(MixtralConfig(hidden_size=D, intermediate_size=H, num_local_experts=E,
                                                  num_experts_per_tok=k, router_jitter_noise=0.0)).eval()
+    # Experts 6 and 7 receive no tokens: with positive inputs and router weights, experts 0-5 get
+    # positive logits, expert 6 gets 0 and expert 7 a negative one, so they never make the top 2.
     with torch.no_grad():
+        ours.router.gate.weight.abs_()
+        ours.router.gate.weight[6] = 0.0
+        ours.router.gate.weight[7] = -ours.router.gate.weight[7]
         theirs.gate.weight.copy_(ours.router.gate.weight)
         # transformers fuses gate and up projections: the first half of gate_up_proj is the gate.
         theirs.experts.gate_up_proj.copy_(torch.cat([ours.experts.w_gate, ours.experts.w_in], dim=1))
         theirs.experts.down_proj.copy_(ours.experts.w_out)
-    x = torch.randn(3, 10, D)
+    x = torch.randn(3, 10, D).abs()
     with torch.no_grad():
         expected = theirs(x)
         expected = expected[0] if isinstance(expected, tuple) else expected
         for dispatch in ("sorted", "loop"):
             ours.dispatch = {"sorted": dispatch_sorted, "loop": dispatch_loop}[dispatch]
             assert torch.allclose(ours(x), expected, atol=1e-5), dispatch
+            load = ours.last_routing["tokens_per_expert"]
+            assert load[6:].tolist() == [0, 0] and load.sum() == 3 * 10 * k, dispatch
 
 
 def test_load_balancing_loss_values_and_transformers_convention():
