@@ -180,8 +180,8 @@ class TopKRouter(nn.Module):
     The router runs in float32 even when the model runs in lower precision: small differences
     between logits decide which expert wins. Its gate weight and expert_bias also stay float32
     when the model is cast with .to(torch.bfloat16) or .half() (see _apply), as transformers keeps
-    DeepSeek-V3's and Nemotron-H's router: next to a bias of 0.6, a bfloat16 number cannot
-    even hold a bias update of 0.001.
+    DeepSeek-V3's and Nemotron-H's (their _keep_in_fp32_modules_strict): next to a bias of 0.6,
+    a bfloat16 number cannot even hold a bias update of 0.001.
 
     scores: softmax(logits) (Mixtral, Qwen) or sigmoid(logits) (DeepSeek-V3), the affinities.
     Selection: the k best of scores + expert_bias, optionally only within the topk_group best of
@@ -378,9 +378,9 @@ def capacity_keep_mask(topk_idx, num_experts, capacity, priority="position"):
     k = topk_idx.shape[-1]
     if priority == "position":
         T = topk_idx.shape[-2]
-        queues = topk_idx.reshape(-1, T * k)                         # (B, T*k): token-major per sequence
+        queues = topk_idx.reshape(-1, T * k)                             # (B, T*k): token-major per sequence
         return _first_served(queues, num_experts, capacity).reshape(topk_idx.shape)
-    by_choice = topk_idx.reshape(-1, k).T.reshape(1, -1)                # (1, k*N): choice-major, whole batch
+    by_choice = topk_idx.reshape(-1, k).T.reshape(1, -1)                 # (1, k*N): choice-major, whole batch
     keep = _first_served(by_choice, num_experts, capacity)
     return keep.reshape(k, -1).T.reshape(topk_idx.shape)
 
@@ -465,7 +465,9 @@ class MoEFeedForward(nn.Module):
     def capacity(self, num_tokens):
         """Assignments each expert may take from a pool of num_tokens tokens (None when dropless):
         ceil(capacity_factor * num_tokens * k / E). The pool is one sequence (num_tokens = T) for
-        capacity_priority "position", the whole batch (B*T) for "gshard"."""
+        capacity_priority "position", the whole batch (B*T) for "gshard". Either way it depends
+        on the input's length T: a prefix fed alone gets a smaller capacity than inside a longer
+        input."""
         if self.capacity_factor is None:
             return None
         return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
