@@ -115,7 +115,8 @@ def train(model, train_loader, val_loader, max_steps, peak_lr=1e-3, min_lr=None,
         history["tokens_seen"].append(tokens_seen)
         if verbose:
             elapsed = time.perf_counter() - start
-            print(f"step {step:5d}/{max_steps} | train {train_mean:6.3f} | val {val:6.3f} | "
+            train_text = f"{train_mean:6.3f}" if running_n else "     -"   # nothing trained yet at step 0
+            print(f"step {step:5d}/{max_steps} | train {train_text} | val {val:6.3f} | "
                   f"lr {history['lr'][-1] if history['lr'] else 0:.1e} | {elapsed:6.1f}s", flush=True)
 
     log_eval(0)

@@ -1,0 +1,325 @@
+"""The training experiments of notebooks 05-07, runnable for any seed, and the seed sweeps behind
+their claims.
+
+Seeds. Every training notebook reads its seed with `course_seed()`, from the environment variable
+COURSE_SEED (default 0). One seed fixes a run's initial weights, its batch order and its dropout
+masks. All runs compared within a notebook use the same seed, so they start from the same random
+state and see the same batches: their difference is a *paired* comparison.
+
+Spread. One seed can mislead: two runs 0.02 nats apart may swap places with the next seed. A
+sweep trains one notebook's runs for several seeds and records, per run and seed, the validation
+loss curve (full two-domain validation split), the loss on each domain, and the expert-load
+imbalance. Run it with
+
+    python -m utils.experiments 05 --seeds 0 1 2 3 4 5 6 7
+
+which writes utils/assets/seed_sweeps/05.json; the notebooks read those files to state the
+spread behind each claim (`paired_differences`, `summarize`).
+
+Evaluation protocol (the same in notebooks 04-07): the whole validation split, both domains,
+unshuffled, every batch; per-domain losses on each domain's part of that split.
+"""
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+
+import torch
+
+from .data import DOMAINS, create_dataloader, load_compact_splits, load_token_splits
+from .gpt import GPTModel
+from .moe import LoadRecorder, fine_grained, make_moe, moe_layers, update_expert_biases
+from .tokenizer import get_tokenizer
+from .train import evaluate, get_device, lm_loss, train
+
+SWEEP_DIR = pathlib.Path(__file__).with_name("assets") / "seed_sweeps"
+
+
+def course_seed(default=0):
+    """The seed of this run: the integer in the environment variable COURSE_SEED, else `default`."""
+    value = os.environ.get("COURSE_SEED", "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"COURSE_SEED must be an integer, got {value!r}") from None
+
+
+class CourseData:
+    """The corpus as notebooks 05-07 train on it: a compact vocabulary of `max_vocab` ids (the
+    most frequent tokens plus one "rare" id), the train/validation split, and loaders.
+
+    val_ids: the whole validation split (both domains); val_ids_by_domain: {domain: its part}.
+    """
+
+    def __init__(self, max_vocab=4096, batch_size=8, context_length=128, tokenizer=None):
+        tokenizer = tokenizer or get_tokenizer()
+        self.vocab, self.train_ids, self.val_ids = load_compact_splits(tokenizer, max_vocab=max_vocab)
+        self.val_ids_by_domain = {d: self.vocab.encode(load_token_splits(tokenizer, domain=d)[1]) for d in DOMAINS}
+        self.batch_size, self.context_length = batch_size, context_length
+
+    def train_loader(self, seed):
+        """Shuffled training windows; `seed` fixes the order."""
+        return create_dataloader(self.train_ids, self.batch_size, self.context_length, seed=seed)
+
+    def val_loader(self, domain=None):
+        """Every validation window, in order: of both domains, or of one."""
+        ids = self.val_ids if domain is None else self.val_ids_by_domain[domain]
+        return create_dataloader(ids, self.batch_size, self.context_length, shuffle=False, drop_last=False)
+
+
+def train_run(cfg, data, seed, steps, peak_lr=3e-3, eval_every=50, device=None, prepare=None):
+    """Build GPTModel(cfg) with `seed`, train it on `data` with batches in `seed`'s order, and
+    return (model, history, recorder). `prepare(model)`, when given, runs before training.
+
+    history is utils.train.train's, plus "domain_val_loss": {domain: final loss}. recorder is a
+    LoadRecorder of every step's expert load (None for a dense model). Auxiliary-loss-free bias
+    updates run after every step (they do nothing unless cfg sets bias_update_rate).
+    """
+    torch.manual_seed(seed)
+    model = GPTModel(cfg)
+    if prepare is not None:
+        prepare(model)
+    recorder = LoadRecorder() if moe_layers(model) else None
+
+    def after_step(m, step):
+        update_expert_biases(m)
+        recorder(m, step)
+
+    history = train(model, data.train_loader(seed), data.val_loader(), max_steps=steps, peak_lr=peak_lr,
+                    eval_every=eval_every, device=device, seed=seed, verbose=False,
+                    after_step=after_step if recorder else None)
+    history["domain_val_loss"] = {d: evaluate(model, data.val_loader(d)) for d in DOMAINS}
+    return model, history, recorder
+
+
+@torch.no_grad()
+def evaluate_at_capacity(model, loader, capacity_factor):
+    """(mean loss, mean share of dropped assignments) of an MoE model evaluated with every MoE
+    layer's capacity_factor set to `capacity_factor` (None: dropless); the model is left as it was."""
+    layers = moe_layers(model)
+    saved = [layer.capacity_factor for layer in layers]
+    for layer in layers:
+        layer.capacity_factor = capacity_factor
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    losses, dropped = [], []
+    for x, y in loader:
+        losses.append(lm_loss(model(x.to(device)), y.to(device)).item())
+        dropped.append(statistics.fmean(layer.last_routing["dropped_fraction"] for layer in layers))
+    model.train(was_training)
+    for layer, c in zip(layers, saved):
+        layer.capacity_factor = c
+    return statistics.fmean(losses), statistics.fmean(dropped)
+
+
+def late_imbalance(recorder, last_steps=50):
+    """Worst layer's max/mean expert load, from the loads summed over the last `last_steps` steps."""
+    loads = recorder.loads()[-last_steps:].sum(0).float()                 # (layers, E)
+    return (loads.max(-1).values / loads.mean(-1)).max().item()
+
+
+@torch.no_grad()
+def match_output_scale(model, reference_cfg, n_tokens=2048, seed=0):
+    """Rescale each LatentMoE layer's up-projection so that, at initialisation, the layer's output
+    has the root-mean-square of a freshly built `reference_cfg` layer on the same random input.
+
+    A latent layer's output starts smaller than a standard layer's: the up-projection spreads l
+    values over d coordinates, and averaging over more experts (larger top-k) shrinks it too. This
+    removes that difference, so a comparison of the two measures the architecture, not the init.
+    Returns the list of factors applied.
+    """
+    x = torch.randn(1, n_tokens, reference_cfg["emb_dim"], generator=torch.Generator().manual_seed(seed))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        target = make_moe(reference_cfg)(x).pow(2).mean().sqrt()
+    factors = []
+    for layer in moe_layers(model):
+        if getattr(layer, "up_proj", None) is not None:
+            factor = (target / layer(x.to(layer.up_proj.weight.device)).pow(2).mean().sqrt().cpu()).item()
+            layer.up_proj.weight.mul_(factor)
+            factors.append(factor)
+    return factors
+
+
+# ----------------------------------------------------------------------------------------------
+# The runs of each notebook. The notebooks define the same configs in their own cells and assert
+# that they equal these, so the sweeps measure exactly what the notebooks train.
+
+def base_config(vocab_size):
+    """The small GPT of notebooks 04-07: D = 128, 4 layers, 4 heads, 128-token context."""
+    return {"vocab_size": vocab_size, "context_length": 128, "emb_dim": 128, "n_heads": 4, "n_layers": 4,
+            "drop_rate": 0.0, "qkv_bias": False}
+
+
+def runs_05(base):
+    moe = {**base, "num_experts": 8, "num_experts_per_tok": 2, "moe_hidden_dim": 4 * base["emb_dim"],
+           "aux_loss_coef": 0.01}
+    return {"dense": {**base, "ffn_hidden_dim": 2 * 4 * base["emb_dim"]},
+            "MoE": moe,
+            "MoE, no aux loss": {**moe, "aux_loss_coef": 0.0},
+            "MoE, capacity 1.0": {**moe, "capacity_factor": 1.0}}
+
+
+def runs_06(base):
+    routed = {**base, "num_experts": 8, "num_experts_per_tok": 2, "moe_hidden_dim": 512,
+              "router_type": "sigmoid", "aux_loss_coef": 0.01}
+    fine = fine_grained(routed, 4)
+    shared = {**fine, "num_experts": 30, "num_experts_per_tok": 6, "num_shared_experts": 2}
+    return {"routed 8x512, top-2": routed,
+            "fine 32x128, top-8": fine,
+            "fine + shared 2+30x128, top-6": shared,
+            "no balancing": {**shared, "aux_loss_coef": 0.0},
+            "bias, no aux loss": {**shared, "aux_loss_coef": 0.0, "bias_update_rate": 0.01}}
+
+
+def runs_07(base):
+    standard = {**base, "num_experts": 8, "num_experts_per_tok": 2, "moe_hidden_dim": 512, "expert_type": "relu2"}
+    return {"standard: 8 experts, top-2": standard,
+            "projections only: l=d=128, 8 experts, top-2": {**standard, "latent_dim": 128},
+            "latent l=64: 16 experts, top-4": {**standard, "latent_dim": 64, "num_experts": 16,
+                                               "num_experts_per_tok": 4},
+            "latent l=32: 32 experts, top-8": {**standard, "latent_dim": 32, "num_experts": 32,
+                                               "num_experts_per_tok": 8}}
+
+
+def prepare_07(base):
+    """07's control: the l=32 latent model with its output scale matched to the standard one's at init."""
+    standard = runs_07(base)["standard: 8 experts, top-2"]
+    return {"latent l=32, output scale matched at init": (
+        "latent l=32: 32 experts, top-8", lambda model: match_output_scale(model, standard))}
+
+
+EXPERIMENTS = {"05": {"runs": runs_05, "steps": 200},
+               "06": {"runs": runs_06, "steps": 150},
+               "07": {"runs": runs_07, "steps": 150, "prepared": prepare_07}}
+
+
+def experiment_runs(notebook, vocab_size):
+    """{run name: (config, prepare or None)} of a notebook's experiment (see train_run)."""
+    if notebook not in EXPERIMENTS:
+        raise ValueError(f"notebook must be one of {tuple(EXPERIMENTS)}, got {notebook!r}")
+    base = base_config(vocab_size)
+    runs = {name: (cfg, None) for name, cfg in EXPERIMENTS[notebook]["runs"](base).items()}
+    prepared = EXPERIMENTS[notebook].get("prepared")
+    for name, (of_run, prepare) in (prepared(base) if prepared else {}).items():
+        runs[name] = (runs[of_run][0], prepare)
+    return runs
+
+
+SWEEP_CAPACITIES = (0.5, 1.0, None)
+
+
+def run_summary(model, history, recorder, data):
+    """What a sweep keeps of one run. For MoE models also the validation loss evaluated at
+    capacity factors 0.5, 1.0 and dropless ("none"), whatever capacity the model trained with."""
+    summary = {"step": history["step"], "val_loss": history["val_loss"],
+               "final_val_loss": history["val_loss"][-1], "domain_val_loss": history["domain_val_loss"],
+               "late_imbalance": late_imbalance(recorder) if recorder is not None else None,
+               "seconds": history["seconds"]}
+    if recorder is not None:
+        summary["val_loss_at_capacity"] = {str(c).lower(): evaluate_at_capacity(model, data.val_loader(), c)[0]
+                                           for c in SWEEP_CAPACITIES}
+    return summary
+
+
+def seed_sweep(notebook, seeds, device=None, data=None, steps=None, verbose=True):
+    """Train every run of `notebook` for every seed; returns {"runs": {name: {seed: summary}}, ...}.
+    `steps` overrides the notebook's number of training steps (for a quick trial)."""
+    data = data or CourseData()
+    device = torch.device(device) if device is not None else get_device()
+    runs, steps = experiment_runs(notebook, len(data.vocab)), steps or EXPERIMENTS[notebook]["steps"]
+    result = {"notebook": notebook, "steps": steps, "seeds": list(seeds),
+              "machine": {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+                          "processor": platform.processor() or platform.machine()},
+              "runs": {name: {} for name in runs}}
+    for seed in seeds:
+        for name, (cfg, prepare) in runs.items():
+            start = time.perf_counter()
+            model, history, recorder = train_run(cfg, data, seed, steps, device=device, prepare=prepare)
+            result["runs"][name][str(seed)] = run_summary(model, history, recorder, data)
+            if verbose:
+                print(f"{notebook} seed {seed} {name:45s} val {history['val_loss'][-1]:.3f} "
+                      f"({time.perf_counter() - start:.0f}s)", flush=True)
+    return result
+
+
+def load_sweep(notebook):
+    """The stored sweep of a notebook (utils/assets/seed_sweeps/NN.json)."""
+    path = SWEEP_DIR / f"{notebook}.json"
+    if not path.is_file():
+        raise ValueError(f"no stored sweep for notebook {notebook!r}; run python -m utils.experiments {notebook}")
+    return json.loads(path.read_text())
+
+
+def per_seed(sweep, run, key="final_val_loss"):
+    """[value of `key` for each seed of the sweep] for one run."""
+    return [sweep["runs"][run][str(s)][key] for s in sweep["seeds"]]
+
+
+def paired_differences(sweep, run, baseline, key="final_val_loss"):
+    """[run minus baseline] per seed: the spread that matters when two runs share seeds."""
+    return [a - b for a, b in zip(per_seed(sweep, run, key), per_seed(sweep, baseline, key))]
+
+
+def summarize(values):
+    """{"mean", "sd", "min", "max", "n"} of a list of numbers (sd: sample standard deviation)."""
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def describe(values, unit=""):
+    """'mean +0.123 (sd 0.012, from +0.100 to +0.140, 8 seeds)' for a list of differences."""
+    s = summarize(values)
+    return (f"mean {s['mean']:+.3f}{unit} (sd {s['sd']:.3f}, from {s['min']:+.3f} to {s['max']:+.3f}, "
+            f"{s['n']} seeds)")
+
+
+def _sweep_one_seed(notebook, seed, device, threads, steps):
+    torch.set_num_threads(threads)
+    return seed_sweep(notebook, [seed], device=device, steps=steps)
+
+
+def merge_sweeps(sweeps):
+    """One sweep from several sweeps of the same notebook over different seeds."""
+    merged = {**sweeps[0], "seeds": [], "runs": {name: {} for name in sweeps[0]["runs"]}}
+    for sweep in sweeps:
+        merged["seeds"] += sweep["seeds"]
+        for name, by_seed in sweep["runs"].items():
+            merged["runs"][name].update(by_seed)
+    return merged
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Seed sweeps of the course's training notebooks.")
+    parser.add_argument("notebooks", nargs="+", choices=sorted(EXPERIMENTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(range(8)))
+    parser.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds trained in parallel processes")
+    parser.add_argument("--steps", type=int, default=None, help="override the training steps (a quick trial)")
+    parser.add_argument("--out", default=str(SWEEP_DIR), help="folder for NN.json")
+    args = parser.parse_args(argv)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tasks = [(notebook, seed) for notebook in args.notebooks for seed in args.seeds]
+    if args.jobs > 1:
+        import concurrent.futures
+        import multiprocessing
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+            threads = max(1, (os.cpu_count() or 1) // args.jobs)
+            n = len(tasks)
+            done = list(pool.map(_sweep_one_seed, *zip(*tasks), [args.device] * n, [threads] * n, [args.steps] * n))
+    else:
+        done = [seed_sweep(notebook, [seed], device=args.device, steps=args.steps) for notebook, seed in tasks]
+    for notebook in args.notebooks:
+        result = merge_sweeps([sweep for sweep in done if sweep["notebook"] == notebook])
+        (out / f"{notebook}.json").write_text(json.dumps(result, indent=1) + "\n")
+
+if __name__ == "__main__":
+    main()
