@@ -45,3 +45,20 @@ def test_notebooks_are_executed_clean_and_portable():
         assert not any(o.get("output_type") == "error" for c in code for o in c["outputs"]), path.name
         text = path.read_text(encoding="utf-8")
         assert not re.search(r"/(work|root|home|tmp|Users)/\w", text), f"{path.name}: absolute path"
+
+
+def test_notebooks_never_import_transformers():
+    """transformers is the tests' reference implementation; a learner's setup (Colab) does not have it."""
+    for path in NOTEBOOKS:
+        nb = json.loads(path.read_text(encoding="utf-8"))
+        code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+        assert not re.search(r"^\s*(import|from)\s+transformers\b", code, re.MULTILINE), path.name
+
+
+def test_training_notebooks_read_course_seed():
+    for path in NOTEBOOKS:
+        code = "\n".join("".join(c["source"]) for c in json.loads(path.read_text(encoding="utf-8"))["cells"]
+                         if c["cell_type"] == "code")
+        if re.search(r"\b(train|train_run)\(", code):
+            assert "course_seed()" in code, f"{path.name} trains but does not read COURSE_SEED"
+            assert "manual_seed(123)" not in code and "seed=0)" not in code, path.name

@@ -58,7 +58,7 @@ def sync(check=False):
     stale = []
     for path in notebook_paths():
         nb = json.loads(path.read_text(encoding="utf-8"))
-        first = nb["cells"][0]
+        first = next(c for c in nb["cells"] if c["cell_type"] == "code")   # after the title cell
         if "".join(first["source"]) != setup_cell_source():
             stale.append(path.name)
             if not check:

@@ -195,7 +195,7 @@ def prepare_07(base):
         "latent l=32: 32 experts, top-8", lambda model: match_output_scale(model, standard))}
 
 
-EXPERIMENTS = {"05": {"runs": runs_05, "steps": 200},
+EXPERIMENTS = {"05": {"runs": runs_05, "steps": 200, "capacity_eval": True},
                "06": {"runs": runs_06, "steps": 150},
                "07": {"runs": runs_07, "steps": 150, "prepared": prepare_07}}
 
@@ -215,25 +215,26 @@ def experiment_runs(notebook, vocab_size):
 SWEEP_CAPACITIES = (0.5, 1.0, None)
 
 
-def run_summary(model, history, recorder, data):
-    """What a sweep keeps of one run. For MoE models also the validation loss evaluated at
-    capacity factors 0.5, 1.0 and dropless ("none"), whatever capacity the model trained with."""
+def run_summary(model, history, recorder, data, capacity_eval=False):
+    """What a sweep keeps of one run. With capacity_eval, for MoE models also the validation loss
+    evaluated at capacity factors 0.5, 1.0 and dropless ("none"), whatever capacity they trained with."""
     summary = {"step": history["step"], "val_loss": history["val_loss"],
                "final_val_loss": history["val_loss"][-1], "domain_val_loss": history["domain_val_loss"],
                "late_imbalance": late_imbalance(recorder) if recorder is not None else None,
                "seconds": history["seconds"]}
-    if recorder is not None:
+    if recorder is not None and capacity_eval:
         summary["val_loss_at_capacity"] = {str(c).lower(): evaluate_at_capacity(model, data.val_loader(), c)[0]
                                            for c in SWEEP_CAPACITIES}
     return summary
 
 
-def seed_sweep(notebook, seeds, device=None, data=None, steps=None, verbose=True):
-    """Train every run of `notebook` for every seed; returns {"runs": {name: {seed: summary}}, ...}.
-    `steps` overrides the notebook's number of training steps (for a quick trial)."""
+def seed_sweep(notebook, seeds, device=None, data=None, steps=None, only=None, verbose=True):
+    """Train every run of `notebook` (or the runs named in `only`) for every seed; returns
+    {"runs": {name: {seed: summary}}, ...}. `steps` overrides the notebook's training steps."""
     data = data or CourseData()
     device = torch.device(device) if device is not None else get_device()
     runs, steps = experiment_runs(notebook, len(data.vocab)), steps or EXPERIMENTS[notebook]["steps"]
+    runs = {name: run for name, run in runs.items() if only is None or name in only}
     result = {"notebook": notebook, "steps": steps, "seeds": list(seeds),
               "machine": {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
                           "processor": platform.processor() or platform.machine()},
@@ -242,7 +243,8 @@ def seed_sweep(notebook, seeds, device=None, data=None, steps=None, verbose=True
         for name, (cfg, prepare) in runs.items():
             start = time.perf_counter()
             model, history, recorder = train_run(cfg, data, seed, steps, device=device, prepare=prepare)
-            result["runs"][name][str(seed)] = run_summary(model, history, recorder, data)
+            result["runs"][name][str(seed)] = run_summary(model, history, recorder, data,
+                                                          EXPERIMENTS[notebook].get("capacity_eval", False))
             if verbose:
                 print(f"{notebook} seed {seed} {name:45s} val {history['val_loss'][-1]:.3f} "
                       f"({time.perf_counter() - start:.0f}s)", flush=True)
@@ -280,18 +282,23 @@ def describe(values, unit=""):
             f"{s['n']} seeds)")
 
 
-def _sweep_one_seed(notebook, seed, device, threads, steps):
+def _sweep_one_run(notebook, seed, run, device, threads, steps):
     torch.set_num_threads(threads)
-    return seed_sweep(notebook, [seed], device=device, steps=steps)
+    return seed_sweep(notebook, [seed], device=device, steps=steps, only=[run])
 
 
 def merge_sweeps(sweeps):
-    """One sweep from several sweeps of the same notebook over different seeds."""
-    merged = {**sweeps[0], "seeds": [], "runs": {name: {} for name in sweeps[0]["runs"]}}
+    """One sweep from several sweeps of the same notebook (over other seeds or other runs); the
+    runs come in the notebook's order, the seeds in increasing order."""
+    order = list(EXPERIMENTS[sweeps[0]["notebook"]]["runs"](base_config(1)))
+    order += [n for n in (EXPERIMENTS[sweeps[0]["notebook"]].get("prepared") or (lambda b: {}))(base_config(1))]
+    merged = {**sweeps[0], "seeds": sorted({s for sweep in sweeps for s in sweep["seeds"]}),
+              "runs": {name: {} for name in order if any(name in sweep["runs"] for sweep in sweeps)}}
     for sweep in sweeps:
-        merged["seeds"] += sweep["seeds"]
         for name, by_seed in sweep["runs"].items():
             merged["runs"][name].update(by_seed)
+    for name in merged["runs"]:
+        merged["runs"][name] = dict(sorted(merged["runs"][name].items(), key=lambda item: int(item[0])))
     return merged
 
 
@@ -300,26 +307,39 @@ def main(argv=None):
     parser.add_argument("notebooks", nargs="+", choices=sorted(EXPERIMENTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(range(8)))
     parser.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
-    parser.add_argument("--jobs", type=int, default=1, help="seeds trained in parallel processes")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained in parallel processes")
     parser.add_argument("--steps", type=int, default=None, help="override the training steps (a quick trial)")
     parser.add_argument("--out", default=str(SWEEP_DIR), help="folder for NN.json")
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tasks = [(notebook, seed) for notebook in args.notebooks for seed in args.seeds]
+    (out / "by_seed").mkdir(parents=True, exist_ok=True)
+    data = CourseData()
+    tasks = [(notebook, seed, run) for notebook in args.notebooks for seed in args.seeds
+             for run in experiment_runs(notebook, len(data.vocab))]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+
+    def save(sweep):   # each (notebook, seed, run) as soon as it is done: an interrupted sweep keeps them
+        run = next(iter(sweep["runs"]))
+        index = list(experiment_runs(sweep["notebook"], len(data.vocab))).index(run)
+        (out / "by_seed" / f"{sweep['notebook']}_seed{sweep['seeds'][0]}_run{index}.json").write_text(
+            json.dumps(sweep) + "\n")
+
     if args.jobs > 1:
         import concurrent.futures
         import multiprocessing
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
-            threads = max(1, (os.cpu_count() or 1) // args.jobs)
-            n = len(tasks)
-            done = list(pool.map(_sweep_one_seed, *zip(*tasks), [args.device] * n, [threads] * n, [args.steps] * n))
+            futures = [pool.submit(_sweep_one_run, *task, args.device, threads, args.steps) for task in tasks]
+            for future in concurrent.futures.as_completed(futures):
+                save(future.result())
     else:
-        done = [seed_sweep(notebook, [seed], device=args.device, steps=args.steps) for notebook, seed in tasks]
+        for notebook, seed, run in tasks:
+            save(seed_sweep(notebook, [seed], device=args.device, data=data, steps=args.steps, only=[run]))
     for notebook in args.notebooks:
-        result = merge_sweeps([sweep for sweep in done if sweep["notebook"] == notebook])
-        (out / f"{notebook}.json").write_text(json.dumps(result, indent=1) + "\n")
+        parts = [json.loads(p.read_text()) for p in sorted((out / "by_seed").glob(f"{notebook}_seed*.json"))]
+        merged = merge_sweeps(parts)
+        (out / f"{notebook}.json").write_text(json.dumps(merged, indent=1) + "\n")
+
 
 if __name__ == "__main__":
     main()
