@@ -347,25 +347,19 @@ def test_gpt_with_moe_layers(every):
     assert aux_loss(model) > 0
 
 
-def test_expert_load_and_load_recorder():
+def test_load_recorder():
     from utils.data import create_dataloader
-    from utils.moe import LoadRecorder, expert_load
+    from utils.moe import LoadRecorder
     from utils.train import train
 
     cfg = {"vocab_size": 30, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 2, **MOE}
     torch.manual_seed(0)
     model = GPTModel(cfg)
     ids = torch.arange(300) % 30
-    counts = expert_load(model, ids, context_length=8, batch_size=4)
-    n_windows = (300 - 1) // 8
-    assert counts.shape == (2, 6) and torch.all(counts.sum(1) == n_windows * 8 * 2)
     recorder = LoadRecorder()
     loader = create_dataloader(ids, 4, 8, seed=0)
     train(model, loader, loader, max_steps=3, eval_every=3, device="cpu", verbose=False, after_step=recorder)
     assert recorder.loads().shape == (3, 2, 6) and torch.all(recorder.loads().sum(-1) == 4 * 8 * 2)
-    with pytest.raises(ValueError, match="no MoE layers"):
-        expert_load(GPTModel({k: cfg[k] for k in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")}),
-                    ids, 8)
 
 
 def test_gelu_expert_biases_start_like_the_dense_feedforwards():

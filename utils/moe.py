@@ -578,28 +578,6 @@ def moe_layers(model):
     return [m for m in model.modules() if isinstance(m, MoEFeedForward)]
 
 
-@torch.no_grad()
-def expert_load(model, token_ids, context_length, batch_size=8):
-    """Assignments per expert per MoE layer over a token stream: a (layers, E) tensor of counts.
-
-    Runs the model in eval mode over non-overlapping windows of `token_ids` (1-D).
-    """
-    layers = moe_layers(model)
-    if not layers:
-        raise ValueError("the model has no MoE layers")
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    n = (len(token_ids) - 1) // context_length
-    windows = token_ids[:n * context_length].view(n, context_length)
-    counts = torch.zeros(len(layers), layers[0].num_experts, dtype=torch.long)
-    for batch in windows.split(batch_size):
-        model(batch.to(device))
-        counts += torch.stack([layer.last_routing["tokens_per_expert"].cpu() for layer in layers])
-    model.train(was_training)
-    return counts
-
-
 class LoadRecorder:
     """An `after_step` callback for utils.train.train that keeps every step's expert load.
 
