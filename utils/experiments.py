@@ -290,8 +290,7 @@ def _sweep_one_run(notebook, seed, run, device, threads, steps):
 def merge_sweeps(sweeps):
     """One sweep from several sweeps of the same notebook (over other seeds or other runs); the
     runs come in the notebook's order, the seeds in increasing order."""
-    order = list(EXPERIMENTS[sweeps[0]["notebook"]]["runs"](base_config(1)))
-    order += [n for n in (EXPERIMENTS[sweeps[0]["notebook"]].get("prepared") or (lambda b: {}))(base_config(1))]
+    order = list(experiment_runs(sweeps[0]["notebook"], vocab_size=1))
     merged = {**sweeps[0], "seeds": sorted({s for sweep in sweeps for s in sweep["seeds"]}),
               "runs": {name: {} for name in order if any(name in sweep["runs"] for sweep in sweeps)}}
     for sweep in sweeps:
