@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -75,11 +77,31 @@ def test_attention_weights_are_causal_and_normalised():
     assert torch.all(w.triu(diagonal=1) == 0)
 
 
-def test_layernorm_and_gelu_match_torch():
-    x = torch.randn(4, 7, 32)
+def test_layernorm_and_gelu_equal_their_formulas():
+    torch.manual_seed(0)
+    x = 3.0 * torch.randn(4, 7, 32) + 1.0
     ln = LayerNorm(32)
-    assert torch.allclose(ln(x), torch.nn.functional.layer_norm(x, (32,), eps=1e-5), atol=1e-5)
-    assert torch.allclose(GELU()(x), torch.nn.functional.gelu(x, approximate="tanh"), atol=1e-6)
+    with torch.no_grad():
+        ln.scale.copy_(torch.rand(32) + 0.5)
+        ln.shift.copy_(torch.randn(32))
+    mean, var = x.mean(-1, keepdim=True), x.var(-1, keepdim=True, unbiased=False)
+    assert torch.allclose(ln(x), ln.scale * (x - mean) / torch.sqrt(var + ln.eps) + ln.shift, atol=1e-5)
+    formula = 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+    assert torch.allclose(GELU()(x), formula, atol=1e-5)
+
+
+def test_fused_attention_equals_the_explicit_weights_path():
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(32, 32, context_length=16, num_heads=4, dropout=0.3)
+    x = torch.randn(2, 11, 32)
+    mha.eval()                                   # no dropout: both branches compute the same thing
+    explicit, _ = mha(x, return_weights=True)
+    assert torch.allclose(mha(x), explicit, atol=1e-6)
+    changed = x.clone()
+    changed[:, 6:] = torch.randn(2, 5, 32)
+    assert torch.equal(mha(changed)[:, :6], mha(x)[:, :6])   # the fused kernel is exactly causal
+    mha.train()                                  # dropout on: outputs differ from eval mode
+    assert not torch.allclose(mha(x), explicit)
 
 
 @pytest.mark.parametrize("bad, message", [

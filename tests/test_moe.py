@@ -319,9 +319,12 @@ def test_position_capacity_is_causal(seed, k, capacity_factor):
         changed = x.clone()
         changed[b, -1] = torch.randn(16)
         z = moe(changed)
-        assert torch.equal(z[:, :-1], y[:, :-1])                          # earlier positions: unchanged
+        # Unchanged up to float rounding: an expert's batch has one row more or less, and fused
+        # kernels (GELU) may round a tensor's last elements differently. A dropped assignment
+        # would move an output by ~0.1, not 1e-6.
+        assert torch.allclose(z[:, :-1], y[:, :-1], rtol=0, atol=1e-6)   # earlier positions: unchanged
         others = [i for i in range(B) if i != b]
-        assert torch.equal(z[others], y[others])                          # other sequences: unchanged
+        assert torch.allclose(z[others], y[others], rtol=0, atol=1e-6)   # other sequences: unchanged
 
 
 def count(module):
