@@ -50,6 +50,17 @@ def test_merge_sweeps_orders_runs_and_seeds():
     assert per_seed(merged, runs[0]) == [3.0, 2.0] and per_seed(merged, runs[1]) == [4.0, 1.0]
 
 
+@pytest.mark.parametrize("key", ["steps", "eval_every", "notebook"])
+def test_merge_sweeps_refuses_parts_of_different_experiments(key):
+    runs = list(experiment_runs("05", 100))
+    a = {**fake_sweep("05", {runs[0]: [1.0]}, [0]), "steps": 120, "eval_every": 40}
+    b = {**fake_sweep("05", {runs[0]: [2.0]}, [1]), "steps": 120, "eval_every": 40}
+    assert merge_sweeps([a, b])["seeds"] == [0, 1]
+    b[key] = {"steps": 200, "eval_every": 50, "notebook": "06"}[key]
+    with pytest.raises(ValueError, match=key):
+        merge_sweeps([a, b])
+
+
 @pytest.mark.parametrize("notebook", sorted(EXPERIMENTS))
 def test_experiment_configs_build(notebook):
     runs = experiment_runs(notebook, 4096)
@@ -67,11 +78,14 @@ def test_stored_sweeps_are_complete():
         sweep = load_sweep(notebook)
         assert len(sweep["seeds"]) >= 5
         assert set(sweep["runs"]) == set(experiment_runs(notebook, 4096))
+        steps, every = EXPERIMENTS[notebook]["steps"], EXPERIMENTS[notebook]["eval_every"]
+        assert (sweep["steps"], sweep["eval_every"]) == (steps, every)      # the notebooks' current runs
         for run, by_seed in sweep["runs"].items():
             assert sorted(map(int, by_seed)) == sorted(sweep["seeds"]), run
             for summary in by_seed.values():
                 assert math.isfinite(summary["final_val_loss"]) and set(summary["domain_val_loss"]) == set(DOMAINS)
                 assert summary["val_loss"][-1] == summary["final_val_loss"]
+                assert summary["step"] == sorted({*range(0, steps, every), steps})
 
 
 def test_match_output_scale_matches_the_reference_layer():

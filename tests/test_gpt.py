@@ -100,8 +100,19 @@ def test_fused_attention_equals_the_explicit_weights_path():
     changed = x.clone()
     changed[:, 6:] = torch.randn(2, 5, 32)
     assert torch.equal(mha(changed)[:, :6], mha(x)[:, :6])   # the fused kernel is exactly causal
-    mha.train()                                  # dropout on: outputs differ from eval mode
+    mha.train()                                  # dropout on: outputs differ from eval mode ...
     assert not torch.allclose(mha(x), explicit)
+    # ... but dropout on the weights, rescaled by 1 / (1 - p), leaves the expected output unchanged:
+    with torch.no_grad():
+        mean = torch.stack([mha(x) for _ in range(2000)]).mean(0)
+    assert (mean - explicit).abs().max() < 0.05 * explicit.abs().max()
+
+
+def test_attention_rejects_sequences_longer_than_its_context():
+    mha = MultiHeadAttention(32, 32, context_length=8, num_heads=4)
+    for return_weights in (False, True):
+        with pytest.raises(ValueError, match="context_length"):
+            mha(torch.randn(1, 9, 32), return_weights=return_weights)
 
 
 @pytest.mark.parametrize("bad, message", [

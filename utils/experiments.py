@@ -72,9 +72,10 @@ class CourseData:
         return create_dataloader(ids, self.batch_size, self.context_length, shuffle=False, drop_last=False)
 
 
-def train_run(cfg, data, seed, steps, peak_lr=3e-3, eval_every=50, device=None, prepare=None):
-    """Build GPTModel(cfg) with `seed`, train it on `data` with batches in `seed`'s order, and
-    return (model, history, recorder). `prepare(model)`, when given, runs before training.
+def train_run(cfg, data, seed, steps, *, eval_every, peak_lr=3e-3, device=None, prepare=None):
+    """Build GPTModel(cfg) with `seed`, train it on `data` with batches in `seed`'s order for
+    `steps` steps, evaluating every `eval_every` (EXPERIMENTS[notebook] holds each notebook's
+    values), and return (model, history, recorder). `prepare(model)`, if given, runs before training.
 
     history is utils.train.train's, plus "domain_val_loss": {domain: final loss}. recorder is a
     LoadRecorder of every step's expert load (None for a dense model). Auxiliary-loss-free bias
@@ -320,6 +321,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out)
     (out / "by_seed").mkdir(parents=True, exist_ok=True)
+    for notebook in args.notebooks:   # parts left from another experiment would be merged with these
+        expected = (args.steps or EXPERIMENTS[notebook]["steps"], EXPERIMENTS[notebook]["eval_every"])
+        for part in (out / "by_seed").glob(f"{notebook}_seed*.json"):
+            found = json.loads(part.read_text())
+            if (found.get("steps"), found.get("eval_every")) != expected:
+                raise ValueError(f"{part} has steps/eval_every {(found.get('steps'), found.get('eval_every'))}, "
+                                 f"not {expected}: move it away or choose another --out")
     data = CourseData()
     tasks = [(notebook, seed, run) for notebook in args.notebooks for seed in args.seeds
              for run in experiment_runs(notebook, len(data.vocab))]

@@ -70,9 +70,12 @@ def validate_gpt_config(cfg, extra_optional=None):
 
 
 class MultiHeadAttention(nn.Module):
-    """Causal multi-head self-attention, all heads computed in one batched matmul.
+    """Causal multi-head self-attention, all heads at once.
 
-    x: (B, T, D) -> (B, T, D). Position t attends to positions 0..t only.
+    x: (B, T, D) -> (B, T, D), T <= context_length. Position t attends to positions 0..t only.
+    With return_weights=True the weights are computed explicitly (one batched matmul over all
+    heads, the causal mask, a softmax) and returned as (B, H, T, T); otherwise PyTorch's fused
+    scaled_dot_product_attention computes the same function without storing them.
     """
 
     def __init__(self, d_in, d_out, context_length, num_heads, dropout=0.0, qkv_bias=False):
@@ -97,6 +100,8 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x, return_weights=False):
         B, T, _ = x.shape
+        if T > self.mask.shape[0]:
+            raise ValueError(f"sequence length {T} exceeds context_length {self.mask.shape[0]}")
         q = self.split_heads(self.W_query(x))
         k = self.split_heads(self.W_key(x))
         v = self.split_heads(self.W_value(x))
@@ -106,9 +111,13 @@ class MultiHeadAttention(nn.Module):
             weights = torch.softmax(scores, dim=-1)
             context = self.dropout(weights) @ v                          # (B, H, T, head_dim)
         else:
-            # The same computation in one fused PyTorch kernel (as nanoGPT does): it never stores
-            # the (T, T) weights, which makes training about a fifth faster on a CPU.
-            # tests/test_gpt.py checks that both branches agree.
+            # The same computation in one fused kernel, as nanoGPT does. Without dropout (our MoE
+            # runs, evaluation, generation) it never stores the (T, T) weights; with dropout, a CPU
+            # falls back to the explicit computation. Dropout acts on the weights, as above.
+            # On MPS, SDPA has returned wrong values for transposed (non-contiguous) inputs
+            # (pytorch/pytorch#181133): give it contiguous ones there.
+            if q.device.type == "mps":
+                q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
             context = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                      dropout_p=self.dropout.p if self.training else 0.0)
         out = self.out_proj(context.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
