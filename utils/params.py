@@ -9,9 +9,9 @@ returns a dict with
     components       {component: parameters}, e.g. embedding, attention, routed_experts, ...
     active_components  the same, as used by one token
 `parameter_breakdown(model)` counts the same components from an instantiated course model, so the
-two can be checked against each other. `weight_bytes` and `kv_cache_bytes` turn counts and configs
-into memory; `attention_layer_types` and `cached_tokens_per_layer` say which layers of a Hugging
-Face config attend to everything, to a sliding window, or to a chunk (and keep that many tokens).
+two can be checked against each other. `weight_bytes`, `kv_cache_bytes` and `recurrent_state_bytes`
+turn counts and configs into memory. Hugging Face configs are read by utils/hf_params.py (which
+families, which layers keep what while serving); its public names are re-exported here.
 """
 import json
 import pathlib
@@ -19,6 +19,8 @@ import pathlib
 import torch.nn as nn
 
 from .gpt import FeedForward, LayerNorm, MultiHeadAttention, validate_gpt_config
+from .hf_params import (ALIASES, HF_FAMILIES, MLA_FAMILIES, attention_layer_types, cached_tokens_per_layer,  # noqa: F401
+                        count_hf_parameters, kv_cache_values, recurrent_state_values, text_config)
 from .moe import EXPERT_TYPES, MOE_OPTIONAL_KEYS, MoEFeedForward, shared_expert_hidden, validate_moe_config
 
 COMPONENTS = ("embedding", "attention", "dense_ffn", "routed_experts", "shared_experts", "router",
@@ -73,128 +75,23 @@ def count_parameters(config):
 
 
 # ----------------------------------------------------------------------------------------------
-# Hugging Face configs. What each family builds, as in `transformers` (the tests compare with its
-# models instantiated on the meta device). Buffers are not parameters: DeepSeek-V3's and GLM-4.5's
-# per-expert selection biases (E numbers per layer) are not counted, as in `transformers`.
+# Hugging Face configs (counted in utils/hf_params.py), and what publishers count.
 
 # What publishers leave out when they quote "active" parameters. The gpt-oss model card counts the
 # output head, not the input embedding. DeepSeek-V3 says "37B activated" (README.md), and in
 # README_WEIGHTS.md the sentence DEEPSEEK_V3_WEIGHTS_QUOTE, which a direct count does not reproduce:
 # counting both 0.9B matrices gives one matrix more than its 36.7B; leaving the input embedding out
 # comes within 0.1B of it and rounds to the headline 37B, so that is the convention used for
-# DeepSeek-V3 too (tests/test_params_hf.py checks both). The others count both.
-PUBLISHED_ACTIVE_EXCLUDES = {"deepseek-v3": ("embedding",), "gpt-oss-20b": ("embedding",)}
+# DeepSeek-V3 too (tests/test_params_hf.py checks both). NVIDIA's Nemotron 3 Nano card gives active
+# "without embeddings" (3.2B) and with them (3.6B): without the input embedding, the head kept, is the
+# count that gives 3.2B. The others count both.
+PUBLISHED_ACTIVE_EXCLUDES = {"deepseek-v3": ("embedding",), "gpt-oss-20b": ("embedding",), "gpt-oss-120b": ("embedding",),
+                             "nemotron-3-nano-30b-a3b": ("embedding",)}
 # README_WEIGHTS.md of github.com/deepseek-ai/DeepSeek-V3, "Main Model Weights", word for word (the
 # markdown bold around the number removed).
 DEEPSEEK_V3_WEIGHTS_QUOTE = ("Activation parameters: 36.7B (including 0.9B for Embedding and 0.9B for "
                              "the output Head).")
 MODEL_CONFIGS = pathlib.Path(__file__).with_name("assets") / "model_configs"
-
-HF_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
-               "gpt_oss", "llama4_text")
-REQUIRED = object()
-
-
-def _field(cfg, key, default=REQUIRED):
-    """cfg[key]; `key` may be a tuple of names the same field goes by (config.json files and
-    transformers' to_dict() do not always agree), the first present one wins."""
-    for name in (key if isinstance(key, tuple) else (key,)):
-        if name in cfg:
-            return cfg[name]
-    if default is REQUIRED:
-        raise ValueError(f"{cfg['model_type']} config is missing the field {key!r}")
-    return default
-
-
-NUM_EXPERTS = ("num_experts", "n_routed_experts", "num_local_experts")
-
-
-def _hf_attention(cfg, D, nh, nkv, hd):
-    """(attention weights, attention-internal norm weights) of one layer."""
-    mt, f = cfg["model_type"], lambda key, default=REQUIRED: _field(cfg, key, default)
-    if mt in ("deepseek_v2", "deepseek_v3"):                 # multi-head latent attention (MLA)
-        nope, rope, v, kv_rank = f("qk_nope_head_dim"), f("qk_rope_head_dim"), f("v_head_dim"), f("kv_lora_rank")
-        q_rank, bias = f("q_lora_rank", None), f("attention_bias", False)
-        q = D * nh * (nope + rope) if q_rank is None else D * q_rank + bias * q_rank + q_rank * nh * (nope + rope)
-        kv = D * (kv_rank + rope) + bias * (kv_rank + rope) + kv_rank * nh * (nope + v)
-        return q + kv + nh * v * D + bias * D, kv_rank + (q_rank or 0)
-    q, kv, o = D * nh * hd, 2 * D * nkv * hd, nh * hd * D
-    if mt == "qwen2_moe":
-        biases = f("qkv_bias", True) * (nh + 2 * nkv) * hd
-    elif mt == "glm4_moe":
-        biases = f("attention_bias", False) * (nh + 2 * nkv) * hd
-    else:
-        biases = f("attention_bias", False) * ((nh + 2 * nkv) * hd + D)
-    sinks = nh if mt == "gpt_oss" else 0                      # one learned attention sink per head
-    qk_norms = {"qwen3_moe": 2 * hd, "olmoe": (nh + nkv) * hd,
-                "glm4_moe": 2 * hd * bool(f("use_qk_norm", False))}.get(mt, 0)
-    return q + kv + o + biases + sinks, qk_norms
-
-
-def _hf_moe_layers(cfg, L):
-    mt, f = cfg["model_type"], lambda key, default=REQUIRED: _field(cfg, key, default)
-    if mt in ("qwen2_moe", "qwen3_moe"):
-        step, dense_only = f("decoder_sparse_step", 1), set(f("mlp_only_layers", []) or [])
-        return [i for i in range(L) if i not in dense_only and f(NUM_EXPERTS) > 0 and (i + 1) % step == 0]
-    if mt in ("deepseek_v2", "deepseek_v3", "glm4_moe"):
-        return list(range(f("first_k_dense_replace"), L))
-    if mt == "llama4_text":
-        explicit = f("moe_layers", None)
-        step = f("interleave_moe_layer_step", 1)
-        return list(explicit) if explicit is not None else list(range(step - 1, L, step))
-    return list(range(L))                                      # mixtral, olmoe, gpt_oss: every layer
-
-
-def _hf_experts(cfg, D):
-    """(E, k, parameters of one routed expert, shared-expert parameters, router parameters, dense MLP width)."""
-    mt, f = cfg["model_type"], lambda key, default=REQUIRED: _field(cfg, key, default)
-    k = f("num_experts_per_tok")
-    swiglu = lambda hidden: 3 * D * hidden
-    if mt == "mixtral":
-        E, I = f(NUM_EXPERTS), f("intermediate_size")
-        return E, k, swiglu(I), 0, D * E, None
-    if mt == "olmoe":
-        E, I = f(NUM_EXPERTS), f("intermediate_size")
-        return E, k, swiglu(I), 0, D * E, None
-    if mt == "gpt_oss":                                        # experts and router have biases
-        E, I = f(NUM_EXPERTS), f("intermediate_size")
-        return E, k, swiglu(I) + 2 * I + D, 0, D * E + E, None
-    if mt == "qwen2_moe":                                      # the shared expert's gate, Linear(D, 1), is
-        E, Is = f(NUM_EXPERTS), f("shared_expert_intermediate_size")   # built even when its width Is is 0
-        return E, k, swiglu(f("moe_intermediate_size")), swiglu(Is) + D, D * E, f("intermediate_size")
-    if mt == "qwen3_moe":
-        E = f(NUM_EXPERTS)
-        return E, k, swiglu(f("moe_intermediate_size")), 0, D * E, f("intermediate_size")
-    if mt == "llama4_text":
-        E, I = f(NUM_EXPERTS), f("intermediate_size")
-        return E, k, swiglu(I), swiglu(I), D * E, f("intermediate_size_mlp")
-    E, I = f(NUM_EXPERTS), f("moe_intermediate_size")          # deepseek_v2, deepseek_v3, glm4_moe
-    return E, k, swiglu(I), swiglu(I * f("n_shared_experts", 0)), D * E, f("intermediate_size")
-
-
-def count_hf_parameters(cfg):
-    """Analytic count for a Hugging Face config.json dict of one of HF_FAMILIES."""
-    mt = cfg.get("model_type")
-    if mt not in HF_FAMILIES:
-        raise ValueError(f"model_type {mt!r} is not supported; supported: {HF_FAMILIES}")
-    f = lambda key, default=REQUIRED: _field(cfg, key, default)
-    V, D, L, nh = f("vocab_size"), f("hidden_size"), f("num_hidden_layers"), f("num_attention_heads")
-    nkv = f("num_key_value_heads", None) or nh
-    hd = f("head_dim", None) or D // nh
-    tied = f("tie_word_embeddings")
-    attention, attention_norms = _hf_attention(cfg, D, nh, nkv, hd)
-    moe = _hf_moe_layers(cfg, L)
-    E, k, per_expert, shared, router, dense_width = _hf_experts(cfg, D)
-    n_dense = L - len(moe)
-    if n_dense and dense_width is None:
-        raise ValueError(f"{mt}: dense layers need an intermediate size")
-    total = dict.fromkeys(COMPONENTS, 0)
-    total.update(embedding=V * D, lm_head=0 if tied else D * V, attention=L * attention,
-                 norms=L * (2 * D + attention_norms) + D, dense_ffn=n_dense * 3 * D * (dense_width or 0),
-                 routed_experts=len(moe) * E * per_expert, shared_experts=len(moe) * shared,
-                 router=len(moe) * router)
-    active = {**total, "routed_experts": len(moe) * k * per_expert}
-    return _result(total, active)
 
 
 def parameter_breakdown(model):
@@ -270,108 +167,29 @@ def weight_bytes(num_params, dtype="bfloat16"):
     return num_params * BYTES_PER_VALUE[dtype]
 
 
-# ----------------------------------------------------------------------------------------------
-# Which tokens each attention layer of a Hugging Face config keeps, as transformers decides it.
-
-ATTENTION_KINDS = ("full_attention", "sliding_attention", "chunked_attention")
-MLA_FAMILIES = ("deepseek_v2", "deepseek_v3")
-
-
-def _sliding_window(cfg):
-    """The sliding window in tokens, or None, as the family's transformers config resolves it."""
-    mt, f = cfg["model_type"], lambda key, default=REQUIRED: _field(cfg, key, default)
-    if mt in ("qwen2_moe", "qwen3_moe"):                     # the window applies only when switched on
-        return f("sliding_window", 4096) if f("use_sliding_window", False) else None
-    return f("sliding_window", 128 if mt == "gpt_oss" else None)
-
-
-def _chunk_size(cfg):
-    """Llama 4's attention_chunk_size in tokens (transformers' default 8192), or None."""
-    return _field(cfg, "attention_chunk_size", 8192 if cfg["model_type"] == "llama4_text" else None)
-
-
-def _default_layer_types(cfg, L):
-    """The layer_types a family's transformers config fills in when config.json has none."""
-    mt, f = cfg["model_type"], lambda key, default=REQUIRED: _field(cfg, key, default)
-    if mt == "gpt_oss":                                        # layers 0, 2, 4, ... slide, the others see all
-        return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(L)]
-    if mt == "qwen2_moe":                                      # even layers below max_window_layers slide
-        on, below = f("use_sliding_window", False), f("max_window_layers", 28)
-        return ["sliding_attention" if on and i % 2 == 0 and i < below else "full_attention" for i in range(L)]
-    if mt == "llama4_text":
-        # no_rope_layers[i] == 1 means layer i DOES use RoPE (transformers' name); those layers attend
-        # within chunks of attention_chunk_size tokens, the NoPE layers (every 4th by default) see all.
-        interval = f("no_rope_layer_interval", 4)
-        uses_rope = f("no_rope_layers", None) or [int((i + 1) % interval != 0) for i in range(L)]
-        chunked = _chunk_size(cfg) is not None
-        return ["chunked_attention" if rope and chunked else "full_attention" for rope in uses_rope]
-    if mt in ("mixtral", "qwen3_moe") and _sliding_window(cfg) is not None:   # Mistral-style: all slide
-        return ["sliding_attention"] * L
-    return ["full_attention"] * L
-
-
-def attention_layer_types(config):
-    """Kind of attention of each layer of a Hugging Face config dict: a list of num_hidden_layers
-    names from ATTENTION_KINDS. config.json's layer_types when it has them, otherwise what the
-    family's transformers config class fills in."""
-    L = _field(config, "num_hidden_layers")
-    types = _field(config, "layer_types", None) or _default_layer_types(config, L)
-    if len(types) != L:
-        raise ValueError(f"layer_types has {len(types)} entries but num_hidden_layers is {L}")
-    unknown = sorted(set(types) - set(ATTENTION_KINDS))
-    if unknown:
-        raise ValueError(f"layer_types holds {unknown}; supported: {ATTENTION_KINDS}")
-    return list(types)
-
-
-def cached_tokens_per_layer(config, context_length):
-    """Tokens whose keys and values each layer keeps after reading context_length tokens: a list
-    of num_hidden_layers ints.
-
-    full_attention keeps every token. A sliding_attention layer with window W lets a token see
-    itself and the W - 1 tokens before it, so it keeps the last W - 1. A chunked_attention layer
-    (Llama 4) lets a token see only the earlier tokens of its own chunk of attention_chunk_size = C
-    tokens, at most C - 1; it keeps the last C - 1, like a window of C. This is what transformers'
-    DynamicCache holds after a prefill; a preallocated ring buffer (transformers' StaticCache,
-    serving engines) reserves one more slot per layer, for the incoming token.
-    """
-    spans = {"sliding_attention": ("sliding_window", _sliding_window(config)),
-             "chunked_attention": ("attention_chunk_size", _chunk_size(config))}
-    tokens = []
-    for kind in attention_layer_types(config):
-        if kind == "full_attention":
-            tokens.append(context_length)
-            continue
-        name, span = spans[kind]
-        if not isinstance(span, int) or span < 2:
-            raise ValueError(f"{config['model_type']} has {kind} layers, so {name} must be an int >= 2, got {span!r}")
-        tokens.append(min(context_length, span - 1))
-    return tokens
-
-
 def kv_cache_bytes(config, context_length, batch_size=1, dtype="bfloat16"):
-    """Memory of the attention cache for batch_size sequences of context_length tokens.
-
-    Standard attention caches K and V: 2 * n_kv_heads * head_dim values per token and layer, for
-    the tokens cached_tokens_per_layer gives (fewer in sliding-window and chunked layers).
-    DeepSeek's multi-head latent attention (MLA) caches one compressed latent and the shared rotary
-    key instead: kv_lora_rank + qk_rope_head_dim values per token and layer. That is what serving
-    engines (vLLM, SGLang) store, and what recent transformers caches; transformers 5.0 cached the
-    keys and values expanded per head, n_heads * (qk_nope_head_dim + qk_rope_head_dim + v_head_dim)
-    values. MoE layers change none of this.
-    """
+    """Memory of the attention cache (keys and values) for batch_size sequences of context_length
+    tokens: for a course config, every layer caches K and V of emb_dim values per token; for a
+    Hugging Face config, see hf_params.kv_cache_values (GQA, sliding windows, chunks, MLA, and no
+    keys or values in the Mamba-2 and linear-attention layers of hybrids)."""
     per_value = weight_bytes(1, dtype)
     if "model_type" not in config:                             # a course config: full multi-head attention
         cfg = validate_gpt_config(config, extra_optional=MOE_OPTIONAL_KEYS)
         return batch_size * context_length * cfg["n_layers"] * 2 * cfg["emb_dim"] * per_value
-    f = lambda key, default=REQUIRED: _field(config, key, default)
-    if config["model_type"] in MLA_FAMILIES:
-        per_token_layer = f("kv_lora_rank") + f("qk_rope_head_dim")
-        return batch_size * context_length * f("num_hidden_layers") * per_token_layer * per_value
-    nh = f("num_attention_heads")
-    nkv = f("num_key_value_heads", None) or nh
-    hd = f("head_dim", None) or f("hidden_size") // nh
-    return batch_size * sum(cached_tokens_per_layer(config, context_length)) * 2 * nkv * hd * per_value
+    return kv_cache_values(config, context_length, batch_size) * per_value
+
+
+def recurrent_state_bytes(config, batch_size=1, dtype="float32"):
+    """Memory of the fixed-size state that the Mamba-2 and Gated DeltaNet layers of a hybrid keep
+    per sequence (0 for other models). It does not grow with the context, unlike the KV cache.
+    float32 by default: transformers and vLLM keep Mamba's state in float32 for stability."""
+    return recurrent_state_values(config, batch_size) * weight_bytes(1, dtype)
+
+
+def serving_cache_bytes(config, context_length, batch_size=1, dtype="bfloat16", state_dtype="float32"):
+    """Everything a server keeps per batch of sequences besides the weights: KV cache plus recurrent state."""
+    return (kv_cache_bytes(config, context_length, batch_size, dtype)
+            + recurrent_state_bytes(config, batch_size, state_dtype))
 
 
 def load_model_config(name):
