@@ -9,7 +9,8 @@ import torch
 
 from utils.params import (DEEPSEEK_V3_WEIGHTS_QUOTE, HF_FAMILIES, MLA_FAMILIES, PUBLISHED_ACTIVE_EXCLUDES,
                           attention_layer_types, cached_tokens_per_layer, count_parameters, kv_cache_bytes,
-                          load_model_config, published_comparison, recurrent_state_bytes, text_config, recurrent_state_values,
+                          load_model_config, moe_layer_shape, published_comparison, published_unit,
+                          recurrent_state_bytes, text_config, within_published_precision, recurrent_state_values,
                           serving_cache_bytes)
 
 with warnings.catch_warnings():
@@ -52,19 +53,6 @@ def test_repo_copies_match_the_shared_configs():
 @pytest.mark.parametrize("name", MODELS)
 def test_total_equals_transformers_meta_count(name):
     assert count_parameters(load(name))["total"] == meta_count(load(name))
-
-
-def published_unit(published):
-    """The value of the last digit a publisher writes: "3.3B" -> 0.1B, "37B" -> 1B, "1T" -> 1T
-    (trailing zeros are read as rounding: "80B" -> 10B, looser than 1% only where 1% holds anyway)."""
-    digits = str(int(published)).rstrip("0")
-    return 10 ** (len(str(int(published))) - len(digits))
-
-
-def within_published_precision(ours, published, rel=0.01, units=1.0):
-    """Within 1%, or, when the publisher rounds more coarsely than 1% (e.g. "3.3B" or "37B"),
-    within `units` of the last digit it publishes."""
-    return abs(ours - published) <= max(rel * published, units * published_unit(published))
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -201,6 +189,19 @@ def test_llama4_config_with_a_text_config_counts_what_transformers_builds(tie_to
     assert count_parameters(raw)["total"] == sum(p.numel() for p in model.parameters())
 
 
+def test_published_unit_reads_the_last_digit():
+    assert [published_unit(x) for x in (3.3e9, 37e9, 1e12, 120.6e9, 400e6)] == [1e8, 1e9, 1e12, 1e8, 1e8]
+    assert within_published_precision(1.335e9, 1.3e9, units=0.5) and not within_published_precision(1.36e9, 1.3e9, units=0.5)
+
+
+def test_moe_layer_shape_reads_the_experts():
+    sup = moe_layer_shape(load("nemotron-3-super-120b-a12b"))
+    assert sup == {"hidden_size": 4096, "num_experts": 512, "top_k": 22, "expert_hidden": 2688,
+                   "dispatch_width": 1024, "moe_layers": 40}
+    mix = moe_layer_shape(load("mixtral-8x7b"))
+    assert (mix["num_experts"], mix["top_k"], mix["dispatch_width"], mix["moe_layers"]) == (8, 2, 4096, 32)
+
+
 def test_kimi_k2_is_counted_as_the_deepseek_v3_it_is():
     kimi = load("kimi-k2")
     assert kimi["model_type"] == "kimi_k2" and kimi["architectures"] == ["DeepseekV3ForCausalLM"]
@@ -307,7 +308,8 @@ def prefill_cache(cfg, length, batch=BATCH):
     attention = [layer for layer in cache.layers if getattr(layer, "keys", None) is not None]
     held = sum(t.numel() * t.element_size() for layer in attention for t in (layer.keys, layer.values))
     states = sum(t.numel() for layer in cache.layers for name in ("conv_states", "recurrent_states")
-                 for t in getattr(layer, name, {}).values())
+                 for t in getattr(layer, name, {}).values() if t is not None)   # (older transformers keeps
+                                                                                 # None for MoE/MLP layers)
     return held, attention[0].keys, states
 
 

@@ -207,6 +207,20 @@ def _dense_width(cfg):
     return _field(cfg, "intermediate_size_mlp" if cfg["model_type"] == "llama4_text" else "intermediate_size")
 
 
+def moe_layer_shape(config):
+    """The MoE layers of a Hugging Face config at a glance: hidden_size, num_experts, top_k,
+    expert_hidden (each routed expert's width), dispatch_width (the width of the vector a token
+    sends to each chosen expert: moe_latent_size in a latent MoE, hidden_size otherwise) and
+    moe_layers (how many layers are MoE)."""
+    cfg = text_config(config)
+    mt, f = cfg["model_type"], lambda key, default=REQUIRED: _field(cfg, key, default)
+    full_width = ("mixtral", "olmoe", "granitemoe", "minimax_m2", "llama4_text", "gpt_oss")
+    D = f("hidden_size")
+    return {"hidden_size": D, "num_experts": f(NUM_EXPERTS), "top_k": f(TOP_K),
+            "expert_hidden": f("intermediate_size" if mt in full_width else "moe_intermediate_size"),
+            "dispatch_width": f("moe_latent_size", None) or D, "moe_layers": len(_moe_layers(cfg, _num_layers(cfg)))}
+
+
 # ----------------------------------------------------------------------------------------------
 # The whole model.
 

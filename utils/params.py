@@ -20,7 +20,8 @@ import torch.nn as nn
 
 from .gpt import FeedForward, LayerNorm, MultiHeadAttention, validate_gpt_config
 from .hf_params import (ALIASES, HF_FAMILIES, MLA_FAMILIES, attention_layer_types, cached_tokens_per_layer,  # noqa: F401
-                        count_hf_parameters, kv_cache_values, recurrent_state_values, text_config)
+                        count_hf_parameters, kv_cache_values, moe_layer_shape, recurrent_state_values,
+                        text_config)
 from .moe import EXPERT_TYPES, MOE_OPTIONAL_KEYS, MoEFeedForward, shared_expert_hidden, validate_moe_config
 
 COMPONENTS = ("embedding", "attention", "dense_ffn", "routed_experts", "shared_experts", "router",
@@ -199,6 +200,19 @@ def load_model_config(name):
         known = sorted(p.stem for p in MODEL_CONFIGS.glob("*.json") if p.stem != "published")
         raise ValueError(f"no model config {name!r}; available: {known}")
     return json.loads(path.read_text())
+
+
+def published_unit(published):
+    """The value of the last digit a publisher writes: "3.3B" -> 0.1B, "37B" -> 1B, "1T" -> 1T
+    (trailing zeros are read as rounding: "80B" -> 10B, looser than 1% only where 1% holds anyway)."""
+    digits = str(int(published)).rstrip("0")
+    return 10 ** (len(str(int(published))) - len(digits))
+
+
+def within_published_precision(ours, published, rel=0.01, units=1.0):
+    """True when `ours` is within 1% of a published figure, or, when the publisher rounds more
+    coarsely than 1% ("3.3B", "37B", "1T"), within `units` of the last digit it publishes."""
+    return abs(ours - published) <= max(rel * published, units * published_unit(published))
 
 
 def published_comparison(name):
