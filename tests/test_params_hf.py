@@ -150,6 +150,10 @@ VARIANTS = {
                                                                 moe_layer_interval=2, moe_num_shared_experts=0,
                                                                 use_bias=False)),
     "granitemoe no biases": ("granitemoe", dict(attention_bias=False)),
+    # Newer Nemotron config.json files list the layers with the older names "mamba" and "attention".
+    "nemotron_h legacy layer names, MTP": ("nemotron_h", dict(
+        layers_block_type=["mamba", "attention", "moe", "mamba", "mlp"], num_nextn_predict_layers=1,
+        mtp_layers_block_type=["attention", "moe"])),
 }
 
 
@@ -187,6 +191,15 @@ def test_llama4_config_with_a_text_config_counts_what_transformers_builds(tie_to
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
     assert count_parameters(raw)["total"] == sum(p.numel() for p in model.parameters())
+
+
+def test_legacy_layer_names_are_read_as_transformers_reads_them():
+    family, extra = VARIANTS["nemotron_h legacy layer names, MTP"]
+    raw = {"model_type": family, **SMALL, **FAMILY_CONFIGS[family], **extra}
+    assert attention_layer_types(raw) == AutoConfig.for_model(**raw).layers_block_type
+    assert count_parameters(raw)["mtp"] > 0
+    with pytest.raises(ValueError, match="layers_block_type"):
+        count_parameters({**raw, "layers_block_type": ["mamba", "transformer"]})
 
 
 def test_published_unit_reads_the_last_digit():
@@ -280,6 +293,14 @@ def test_errors_name_what_is_wrong():
         count_parameters(cfg)
     with pytest.raises(ValueError, match="available"):
         load_model_config("gpt-5")
+    for name, field in [("nemotron-3-super-120b-a12b", "mamba_num_heads"), ("qwen3-next-80b-a3b", "linear_key_head_dim"),
+                        ("granite-3.1-1b-a400m", "num_local_experts")]:
+        cfg = load(name)
+        del cfg[field]
+        with pytest.raises(ValueError, match=field):
+            count_parameters(cfg)
+    with pytest.raises(ValueError, match="hybrid_override_pattern"):
+        count_parameters({**load("nemotron-3-nano-30b-a3b"), "hybrid_override_pattern": "MEX"})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -56,12 +56,18 @@ def text_config(config):
 NUM_EXPERTS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
 TOP_K = ("num_experts_per_tok", "moe_k")
 NEMOTRON_LAYERS = {"M": "linear_attention", "*": "full_attention", "E": "moe", "-": "mlp"}
+# Older names of layer kinds that config.json files still use (transformers renames them on load).
+LEGACY_LAYER_KINDS = {"mamba": "linear_attention", "attention": "full_attention"}
 
 
 def _nemotron_layers(cfg, key="layers_block_type", pattern_key="hybrid_override_pattern"):
-    """Nemotron-H's layer kinds, from the list transformers writes or the pattern config.json has."""
+    """Nemotron-H's layer kinds, from the list config.json or transformers writes, or the pattern."""
     if key in cfg:
-        return list(cfg[key])
+        kinds = [LEGACY_LAYER_KINDS.get(kind, kind) for kind in cfg[key]]
+        unknown = sorted(set(kinds) - set(NEMOTRON_LAYERS.values()))
+        if unknown:
+            raise ValueError(f"{key} holds {unknown}; allowed: {tuple(NEMOTRON_LAYERS.values())}")
+        return kinds
     pattern = _field(cfg, pattern_key)
     unknown = sorted(set(pattern) - set(NEMOTRON_LAYERS))
     if unknown:
@@ -344,6 +350,7 @@ def attention_layer_types(config):
     cfg = text_config(config)
     L = _num_layers(cfg)
     types = _field(cfg, "layer_types", None) or _default_layer_types(cfg, L)
+    types = [LEGACY_LAYER_KINDS.get(kind, kind) for kind in types]
     if len(types) != L:
         raise ValueError(f"layer_types has {len(types)} entries but num_hidden_layers is {L}")
     allowed = ATTENTION_KINDS + {"qwen3_next": STATEFUL_KINDS,
