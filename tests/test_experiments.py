@@ -7,7 +7,7 @@ from utils.data import DOMAINS, create_dataloader
 from utils.experiments import (EXPERIMENTS, base_config, course_seed, describe, evaluate_at_capacity,
                                experiment_runs, load_sweep, match_output_scale, merge_sweeps, paired_differences,
                                per_seed, summarize, train_run)
-from utils.gpt import GPTModel
+from utils.moe import MoEGPTModel
 from utils.moe import make_moe, moe_layers
 from utils.routing_analysis import expert_shares, route_tokens, token_matched_shares, tv_distance
 
@@ -66,7 +66,7 @@ def test_experiment_configs_build(notebook):
     runs = experiment_runs(notebook, 4096)
     for name, (cfg, prepare) in runs.items():
         with torch.device("meta"):
-            GPTModel(cfg)
+            MoEGPTModel(cfg)
         assert prepare is None or callable(prepare)
     with pytest.raises(ValueError, match="notebook"):
         experiment_runs("99", 4096)
@@ -93,7 +93,7 @@ def test_match_output_scale_matches_the_reference_layer():
     standard = {**base, "num_experts": 4, "num_experts_per_tok": 1, "moe_hidden_dim": 64, "expert_type": "relu2"}
     latent = {**standard, "latent_dim": 32, "num_experts": 16, "num_experts_per_tok": 4}
     torch.manual_seed(0)
-    model = GPTModel(latent)
+    model = MoEGPTModel(latent)
     factors = match_output_scale(model, standard)
     assert len(factors) == base["n_layers"] and all(f > 1.5 for f in factors)   # latent starts smaller
     x = torch.randn(1, 2048, base["emb_dim"], generator=torch.Generator().manual_seed(0))
@@ -138,7 +138,7 @@ def test_train_run_is_a_function_of_the_seed():
 def test_evaluate_at_capacity_restores_the_model():
     data = TinyData()
     torch.manual_seed(0)
-    model = GPTModel({**TINY_MOE, "capacity_factor": 1.0}).train()
+    model = MoEGPTModel({**TINY_MOE, "capacity_factor": 1.0}).train()
     loss, dropped = evaluate_at_capacity(model, data.val_loader(), 0.25)
     assert dropped > 0.3 and math.isfinite(loss)
     assert evaluate_at_capacity(model, data.val_loader(), None)[1] == 0.0
@@ -147,7 +147,7 @@ def test_evaluate_at_capacity_restores_the_model():
 
 def test_route_tokens_and_shares():
     torch.manual_seed(0)
-    model = GPTModel(TINY_MOE)
+    model = MoEGPTModel(TINY_MOE)
     ids = torch.arange(100) % 29
     tokens, chosen = route_tokens(model, ids, 16)
     assert tokens.shape == (96,) and chosen.shape == (2, 96, 2)       # 6 full windows, 2 layers, top-2
@@ -155,7 +155,7 @@ def test_route_tokens_and_shares():
     shares = expert_shares(chosen, 4)
     assert shares.shape == (2, 4) and torch.allclose(shares.sum(-1), torch.ones(2))
     with pytest.raises(ValueError, match="no MoE layers"):
-        route_tokens(GPTModel({**TINY_MOE, "num_experts": 0}), ids, 16)
+        route_tokens(MoEGPTModel({**TINY_MOE, "num_experts": 0}), ids, 16)
 
 
 def test_token_matching_removes_routing_by_token_identity():

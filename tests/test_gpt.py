@@ -5,6 +5,7 @@ import torch
 
 from utils.gpt import (GPT_CONFIG_124M, GELU, GPTModel, LayerNorm, MultiHeadAttention, generate,
                        validate_gpt_config)
+from utils.moe import MoEGPTModel
 
 TINY = {"vocab_size": 97, "context_length": 16, "emb_dim": 32, "n_heads": 4, "n_layers": 2,
         "drop_rate": 0.0, "qkv_bias": True}
@@ -59,7 +60,7 @@ def test_model_is_causal():
 def test_model_with_capacity_limited_moe_is_causal():
     torch.manual_seed(0)
     cfg = {**TINY, "num_experts": 4, "num_experts_per_tok": 2, "moe_hidden_dim": 16, "capacity_factor": 1.0}
-    model = GPTModel(cfg).eval()                              # capacity_priority "position", the default
+    model = MoEGPTModel(cfg).eval()                           # capacity_priority "position", the default
     idx = torch.randint(0, TINY["vocab_size"], (4, 12))
     changed = idx.clone()
     changed[:, 7:] = (changed[:, 7:] + 1) % TINY["vocab_size"]

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from utils.gpt import GPTModel
-from utils.moe import (Experts, MoEFeedForward, TopKRouter, capacity_keep_mask, dispatch_loop,
-                       dispatch_sorted, load_balancing_loss, moe_layers, router_z_loss)
+from utils.moe import (Experts, MoEFeedForward, MoEGPTModel, TopKRouter, capacity_keep_mask, dispatch_loop,
+                       dispatch_sorted, load_balancing_loss, make_moe, moe_layers, router_z_loss)
 from utils.train import aux_loss
 
 MOE = {"emb_dim": 16, "num_experts": 6, "num_experts_per_tok": 2, "moe_hidden_dim": 24}
@@ -99,16 +99,30 @@ def test_edge_configs_are_accepted(fine):
 
 def test_moe_every_n_layers_beyond_n_layers_raises():
     cfg = {"vocab_size": 50, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 3, **MOE}
-    assert len(moe_layers(GPTModel({**cfg, "moe_every_n_layers": 3}))) == 1
+    assert len(moe_layers(MoEGPTModel({**cfg, "moe_every_n_layers": 3}))) == 1
     with pytest.raises(ValueError, match="moe_every_n_layers.*between 1 and n_layers \\(3\\)"):
-        GPTModel({**cfg, "moe_every_n_layers": 4})
+        MoEGPTModel({**cfg, "moe_every_n_layers": 4})
+
+
+def test_gpt_model_leaves_moe_to_the_moe_module():
+    # utils/gpt.py does not import utils/moe.py: GPTModel builds dense blocks, or the blocks it is given.
+    import utils.gpt
+    assert "utils.moe" not in utils.gpt.__dict__ and not hasattr(utils.gpt, "make_moe")
+    cfg = {"vocab_size": 50, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 2, **MOE}
+    with pytest.raises(ValueError, match="MoEGPTModel"):
+        GPTModel(cfg)
+    torch.manual_seed(0)
+    a = MoEGPTModel(cfg)
+    torch.manual_seed(0)
+    b = GPTModel(cfg, feedforward=lambda layer: make_moe(a.cfg))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
 def test_unknown_key_in_gpt_config_raises():
     cfg = {"vocab_size": 50, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 2, **MOE}
-    GPTModel(cfg)
+    MoEGPTModel(cfg)
     with pytest.raises(ValueError, match="unknown config key"):
-        GPTModel({**cfg, "num_expert": 4})
+        MoEGPTModel({**cfg, "num_expert": 4})
 
 
 def test_renormalised_softmax_equals_softmax_over_topk_logits():
@@ -336,8 +350,8 @@ def test_gpt_with_moe_layers(every):
     cfg = {"vocab_size": 50, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 4,
            **MOE, "moe_every_n_layers": every}
     torch.manual_seed(0)
-    model = GPTModel(cfg)
-    dense = GPTModel({k: v for k, v in cfg.items() if k in
+    model = MoEGPTModel(cfg)
+    dense = MoEGPTModel({k: v for k, v in cfg.items() if k in
                       ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")})
     layers = moe_layers(model)
     assert len(layers) == 4 // every
@@ -357,7 +371,7 @@ def test_load_recorder():
 
     cfg = {"vocab_size": 30, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 2, **MOE}
     torch.manual_seed(0)
-    model = GPTModel(cfg)
+    model = MoEGPTModel(cfg)
     ids = torch.arange(300) % 30
     recorder = LoadRecorder()
     loader = create_dataloader(ids, 4, 8, seed=0)

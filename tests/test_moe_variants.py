@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from utils.gpt import GPTModel
+from utils.moe import MoEGPTModel
 from utils.moe import (LatentMoE, MoEFeedForward, TopKRouter, fine_grained, load_balancing_loss, make_moe,
                        moe_layers, sequence_balance_loss, update_expert_biases)
 
@@ -266,7 +266,7 @@ def test_latent_moe_shapes_and_parameters():
     assert count(latent) == D * E + E * 2 * l * H + 2 * D * l
     assert count(plain) == D * E + E * 2 * D * H
     assert latent(torch.randn(2, 3, D)).shape == (2, 3, D)
-    model = GPTModel({"vocab_size": 20, "context_length": 8, "emb_dim": D, "n_heads": 4, "n_layers": 2, **cfg})
+    model = MoEGPTModel({"vocab_size": 20, "context_length": 8, "emb_dim": D, "n_heads": 4, "n_layers": 2, **cfg})
     assert all(isinstance(m, LatentMoE) for m in moe_layers(model)) and len(moe_layers(model)) == 2
 
 

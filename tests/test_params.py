@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from utils.gpt import GPT_CONFIG_124M, GPTModel
-from utils.moe import MoEFeedForward, fine_grained, moe_layers
+from utils.gpt import GPT_CONFIG_124M
+from utils.moe import MoEFeedForward, MoEGPTModel, fine_grained, moe_layers
 from utils.params import count_parameters, parameter_breakdown
 
 BASE = {"vocab_size": 97, "context_length": 16, "emb_dim": 32, "n_heads": 4, "n_layers": 4}
@@ -26,7 +26,7 @@ def test_course_counts_match_the_modules(name):
     cfg = COURSE_CONFIGS[name]
     analytic = count_parameters(cfg)
     torch.manual_seed(0)
-    model = GPTModel(cfg)
+    model = MoEGPTModel(cfg)
     assert analytic["total"] == sum(p.numel() for p in model.parameters())
     assert analytic == parameter_breakdown(model)
 
@@ -58,7 +58,7 @@ def test_active_count_equals_traced_parameters(name):
     # (relu2 experts are left out: an inactive ReLU unit gets an exactly-zero gradient, so tracing
     # by gradients would undercount what the token actually multiplied.)
     torch.manual_seed(0)
-    model = GPTModel(COURSE_CONFIGS[name])
+    model = MoEGPTModel(COURSE_CONFIGS[name])
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.5)  # no exactly-zero weights or biases
     assert traced_active(model) == count_parameters(COURSE_CONFIGS[name])["active"]
@@ -111,7 +111,7 @@ def test_moe_layer_costs_match_the_module(cfg):
 # (The Hugging Face families' KV caches are compared with transformers' own caches in test_params_hf.py.)
 def test_kv_cache_of_a_course_model_equals_the_keys_and_values_it_computes():
     cfg = {**BASE, "n_layers": 3}
-    model = GPTModel(cfg)
+    model = MoEGPTModel(cfg)
     x = torch.randn(2, 7, 32)
     kv_values = sum(blk.att.W_key(x).numel() + blk.att.W_value(x).numel() for blk in model.trf_blocks)
     assert kv_cache_bytes(cfg, context_length=7, batch_size=2, dtype="float32") == 4 * kv_values

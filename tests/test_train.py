@@ -81,12 +81,12 @@ def test_bad_arguments():
 
 
 def test_parameter_groups_decay_weight_matrices_only():
-    from utils.moe import Experts, moe_layers
+    from utils.moe import Experts, MoEGPTModel, moe_layers
     from utils.train import parameter_groups
 
     cfg = {**TINY, "num_experts": 4, "num_experts_per_tok": 2, "moe_hidden_dim": 24, "expert_type": "gelu",
            "num_shared_experts": 1, "shared_expert_gate": True}
-    model = GPTModel(cfg)
+    model = MoEGPTModel(cfg)
     decay, no_decay = parameter_groups(model, weight_decay=0.1)
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
     ids = lambda params: {id(p) for p in params}
@@ -107,6 +107,6 @@ def test_parameter_groups_decay_weight_matrices_only():
     assert ids(linear + stacked) <= decayed
     assert ids(model.parameters()) - ids(linear + stacked) == not_decayed   # nothing else is decayed
 
-    swiglu = GPTModel({**cfg, "expert_type": "swiglu"})
+    swiglu = MoEGPTModel({**cfg, "expert_type": "swiglu"})
     gate = moe_layers(swiglu)[0].experts.w_gate
     assert id(gate) in ids(parameter_groups(swiglu, 0.1)[0]["params"])

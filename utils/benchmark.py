@@ -10,7 +10,8 @@ import time
 import torch
 import torch.nn as nn
 
-from .moe import Experts, validate_moe_config
+from .config import validate_moe_config
+from .moe import Experts
 
 
 class DenseEquivalent(nn.Module):

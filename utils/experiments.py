@@ -30,8 +30,7 @@ import time
 import torch
 
 from .data import DOMAINS, create_dataloader, load_compact_splits, load_token_splits
-from .gpt import GPTModel
-from .moe import LoadRecorder, fine_grained, make_moe, moe_layers, update_expert_biases
+from .moe import LoadRecorder, MoEGPTModel, fine_grained, make_moe, moe_layers, update_expert_biases
 from .tokenizer import get_tokenizer
 from .train import evaluate, get_device, lm_loss, train
 
@@ -73,8 +72,8 @@ class CourseData:
 
 
 def train_run(cfg, data, seed, steps, *, eval_every, peak_lr=3e-3, device=None, prepare=None):
-    """Build GPTModel(cfg) with `seed`, train it on `data` with batches in `seed`'s order for
-    `steps` steps, evaluating every `eval_every` (EXPERIMENTS[notebook] holds each notebook's
+    """Build MoEGPTModel(cfg) (dense when num_experts is 0) with `seed`, train it on `data` with
+    batches in `seed`'s order for `steps` steps, evaluating every `eval_every` (EXPERIMENTS[notebook] holds each notebook's
     values), and return (model, history, recorder). `prepare(model)`, if given, runs before training.
 
     history is utils.train.train's, plus "domain_val_loss": {domain: final loss}. recorder is a
@@ -82,7 +81,7 @@ def train_run(cfg, data, seed, steps, *, eval_every, peak_lr=3e-3, device=None, 
     updates run after every step (they do nothing unless cfg sets bias_update_rate).
     """
     torch.manual_seed(seed)
-    model = GPTModel(cfg)
+    model = MoEGPTModel(cfg)
     if prepare is not None:
         prepare(model)
     recorder = LoadRecorder() if moe_layers(model) else None

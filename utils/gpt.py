@@ -2,7 +2,8 @@
 
 Shapes: B = batch, T = sequence length, D = emb_dim, H = n_heads, V = vocab_size.
 A model is described by one plain dict, e.g. `GPT_CONFIG_124M` below; every module takes that
-same dict and reads the keys it needs.
+same dict and reads the keys it needs. Which keys exist, their defaults and their checks are in
+utils/config.py. This module knows nothing of Mixture-of-Experts layers: utils/moe.py builds on it.
 """
 import math
 
@@ -10,13 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# The keys a GPT config may have: required ones, then optional ones with their defaults.
-GPT_REQUIRED_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
-GPT_OPTIONAL_KEYS = {
-    "drop_rate": 0.0,        # dropout on embeddings, attention weights and residual branches
-    "qkv_bias": False,       # bias on the query/key/value projections
-    "ffn_hidden_dim": None,  # FeedForward width; None means 4 * emb_dim as in GPT-2
-}
+from .config import validate_gpt_config, validate_model_config  # noqa: F401  (validate_gpt_config: re-exported)
 
 GPT_CONFIG_124M = {
     "vocab_size": 50257,     # GPT-2 BPE vocabulary
@@ -27,46 +22,6 @@ GPT_CONFIG_124M = {
     "drop_rate": 0.1,
     "qkv_bias": False,
 }
-
-
-def check_config(cfg, required, optional):
-    """Raise a ValueError for a missing required key or a key nobody knows.
-
-    Returns a copy of `cfg` with the optional keys' defaults filled in.
-    """
-    allowed = set(required) | set(optional)
-    unknown = sorted(set(cfg) - allowed)
-    if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}; allowed keys: {sorted(allowed)}")
-    missing = [k for k in required if k not in cfg]
-    if missing:
-        raise ValueError(f"config is missing required key(s) {missing}")
-    return {**optional, **cfg}
-
-
-def check_positive_int(cfg, *keys):
-    for key in keys:
-        value = cfg[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"config[{key!r}] must be a positive integer, got {value!r}")
-
-
-def validate_gpt_config(cfg, extra_optional=None):
-    """Check a GPT config and return it with defaults filled in.
-
-    `extra_optional` lets a module that extends the model (e.g. the MoE layers) declare its own
-    keys, so that a typo in any key is still caught.
-    """
-    cfg = check_config(cfg, GPT_REQUIRED_KEYS, {**GPT_OPTIONAL_KEYS, **(extra_optional or {})})
-    check_positive_int(cfg, *GPT_REQUIRED_KEYS)
-    if cfg["emb_dim"] % cfg["n_heads"] != 0:
-        raise ValueError(f"emb_dim ({cfg['emb_dim']}) must be divisible by n_heads ({cfg['n_heads']})")
-    if not 0.0 <= cfg["drop_rate"] < 1.0:
-        raise ValueError(f"config['drop_rate'] must be in [0, 1), got {cfg['drop_rate']}")
-    if cfg["ffn_hidden_dim"] is None:
-        cfg["ffn_hidden_dim"] = 4 * cfg["emb_dim"]
-    check_positive_int(cfg, "ffn_hidden_dim")
-    return cfg
 
 
 class MultiHeadAttention(nn.Module):
@@ -193,23 +148,20 @@ class TransformerBlock(nn.Module):
 class GPTModel(nn.Module):
     """Token ids (B, T) -> next-token logits (B, T, vocab_size).
 
-    With cfg["num_experts"] > 0, the feed-forward of every `moe_every_n_layers`-th block is a routed
-    Mixture of Experts (utils/moe.py); otherwise every block has the dense FeedForward.
+    Every block has the dense FeedForward, unless `feedforward` is given: a function that returns
+    the feed-forward module of block `layer` (0-based). utils.moe.MoEGPTModel passes one that
+    returns routed MoE layers; this module knows nothing about them.
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, feedforward=None):
         super().__init__()
-        # Imported here, not at the top, because moe.py itself imports this module.
-        from .moe import MOE_OPTIONAL_KEYS, make_moe, validate_moe_config
-
-        cfg = validate_gpt_config(cfg, extra_optional=MOE_OPTIONAL_KEYS)
-        if cfg["num_experts"] > 0:
-            cfg = validate_moe_config(cfg)
+        cfg = validate_model_config(cfg)
+        if feedforward is None:
+            if cfg["num_experts"] > 0:
+                raise ValueError(f"config has num_experts = {cfg['num_experts']}: build the model with "
+                                 "utils.moe.MoEGPTModel(cfg), whose blocks get routed MoE layers")
+            feedforward = lambda layer: FeedForward(cfg)  # noqa: E731
         self.cfg = cfg
-
-        def feedforward(layer):
-            is_moe = cfg["num_experts"] > 0 and (layer + 1) % cfg["moe_every_n_layers"] == 0
-            return make_moe(cfg) if is_moe else FeedForward(cfg)
 
         self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
         self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])

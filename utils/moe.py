@@ -8,41 +8,7 @@ grow with the number of experts; the compute per token grows only with top-k.
 Shapes: B = batch, T = sequence, D = emb_dim, N = B*T tokens, E = num_experts, k = top-k,
 H = moe_hidden_dim, A = number of (token, expert) assignments (N*k, fewer if some are dropped).
 
-Config keys (in the same dict as the GPT's keys; see MOE_OPTIONAL_KEYS for the defaults):
-    num_experts, num_experts_per_tok, moe_hidden_dim   the size of the layer
-    expert_type          "gelu": Linear+GELU+Linear with biases, the course's FeedForward shape;
-                         "swiglu": W2(silu(W1 x) * W3 x), no biases (Mixtral, Qwen, DeepSeek);
-                         "relu2": W2 relu(W1 x)^2, no biases (Nemotron)
-    router_type          "softmax" (Mixtral, Qwen) or "sigmoid" (DeepSeek-V3) affinity scores
-    norm_topk_prob       renormalise the k gate weights to sum to 1 (Mixtral: yes; Qwen1.5-MoE: no)
-    routed_scaling_factor  multiplies the gate weights (DeepSeek-V3: 2.5)
-    n_group, topk_group  group-limited routing: experts form n_group groups, and each token picks
-                         its experts only from its topk_group best groups (DeepSeek-V3: 8 and 4)
-    bias_update_rate     auxiliary-loss-free balancing: after each optimizer step,
-                         expert_bias += rate * sign(mean load - load); the bias only affects which
-                         experts are selected, never the gate weights (DeepSeek-V3: 0.001)
-    aux_loss_coef        weight of the Switch-Transformer load-balancing loss
-    seq_aux_loss_coef    weight of DeepSeek-V3's sequence-wise balance loss
-    z_loss_coef          weight of the ST-MoE router z-loss
-    capacity_factor      None: dropless. A number c: each expert takes at most ceil(c * n * k / E)
-                         assignments from a pool of n tokens; the rest are dropped (the token keeps
-                         its residual). What the pool is and who is served first: capacity_priority
-    capacity_priority    "position" (default): the pool is one sequence (n = T) and tokens are served
-                         in order, so a token's routing depends only on the tokens before it (causal);
-                         "gshard": the pool is the whole batch (n = N) and every token's first choice
-                         comes before any second choice, as in GShard and Switch - not causal in a
-                         decoder (a later token can take an earlier token's place)
-    num_shared_experts   always-active experts of width moe_hidden_dim (DeepSeekMoE), added to the
-                         routed output; stored as one MLP of width num_shared_experts * moe_hidden_dim
-                         (the same function)
-    shared_expert_hidden_dim  the shared experts' total width instead, when they are not
-                         moe_hidden_dim wide (Qwen2-MoE, Nemotron-H); needs num_shared_experts >= 1
-    shared_expert_gate   scale the shared expert by sigmoid(Linear(D, 1)(x)) (Qwen1.5/Qwen2-MoE)
-    latent_dim           LatentMoE: the experts work in this dimension, at most emb_dim (None: plain
-                         MoE; emb_dim: the projections without the compression)
-    moe_dispatch         "sorted" (fast, default) or "loop" (the readable reference); same results
-    moe_every_n_layers   in GPTModel, layer i (0-based) is an MoE layer when (i + 1) % n == 0;
-                         at most n_layers
+The config keys of the MoE layers, their defaults and their checks are in utils/config.py.
 """
 import math
 
@@ -50,103 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .gpt import GELU, check_positive_int
-
-MOE_OPTIONAL_KEYS = {
-    "num_experts": 0,            # 0 means a dense model (no MoE layers)
-    "num_experts_per_tok": 2,
-    "moe_hidden_dim": None,      # required when num_experts > 0
-    "expert_type": "gelu",
-    "router_type": "softmax",
-    "norm_topk_prob": True,
-    "routed_scaling_factor": 1.0,
-    "n_group": 1,
-    "topk_group": 1,
-    "bias_update_rate": 0.0,
-    "aux_loss_coef": 0.01,
-    "seq_aux_loss_coef": 0.0,
-    "z_loss_coef": 0.0,
-    "capacity_factor": None,
-    "capacity_priority": "position",
-    "num_shared_experts": 0,
-    "shared_expert_hidden_dim": None,
-    "shared_expert_gate": False,
-    "latent_dim": None,
-    "moe_dispatch": "sorted",
-    "moe_every_n_layers": 1,
-}
-EXPERT_TYPES = ("gelu", "swiglu", "relu2")
-ROUTER_TYPES = ("softmax", "sigmoid")
-DISPATCH_MODES = ("sorted", "loop")
-CAPACITY_PRIORITIES = ("position", "gshard")
-
-
-def _check_number(cfg, key, minimum, strict):
-    value = cfg[key]
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
-        value > minimum if strict else value >= minimum)
-    if not ok:
-        raise ValueError(f"config[{key!r}] must be a finite number {'>' if strict else '>='} {minimum}, got {value!r}")
-
-
-def validate_moe_config(cfg):
-    """Check the MoE keys of a config (defaults filled in); raise ValueError naming the bad field.
-
-    When the config also describes the whole model (it has n_layers), moe_every_n_layers is
-    checked against n_layers too.
-    """
-    cfg = {**MOE_OPTIONAL_KEYS, **cfg}
-    if "emb_dim" not in cfg:
-        raise ValueError("config is missing required key 'emb_dim'")
-    check_positive_int(cfg, "emb_dim", "num_experts", "num_experts_per_tok", "moe_hidden_dim",
-                       "moe_every_n_layers", "n_group", "topk_group")
-    E, k = cfg["num_experts"], cfg["num_experts_per_tok"]
-    if k > E:
-        raise ValueError(f"num_experts_per_tok ({k}) must be <= num_experts ({E})")
-    for key, allowed in (("expert_type", EXPERT_TYPES), ("router_type", ROUTER_TYPES),
-                         ("moe_dispatch", DISPATCH_MODES), ("capacity_priority", CAPACITY_PRIORITIES)):
-        if cfg[key] not in allowed:
-            raise ValueError(f"config[{key!r}] must be one of {allowed}, got {cfg[key]!r}")
-    for key in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate"):
-        _check_number(cfg, key, 0, strict=False)
-    _check_number(cfg, "routed_scaling_factor", 0, strict=True)
-    if cfg["capacity_factor"] is not None:
-        _check_number(cfg, "capacity_factor", 0, strict=True)
-    if "n_layers" in cfg:
-        check_positive_int(cfg, "n_layers")
-        if cfg["moe_every_n_layers"] > cfg["n_layers"]:
-            raise ValueError(f"config['moe_every_n_layers'] must be between 1 and n_layers ({cfg['n_layers']}), "
-                             f"got {cfg['moe_every_n_layers']}: the model would have no MoE layer")
-
-    G, G_k = cfg["n_group"], cfg["topk_group"]
-    if G_k > G:
-        raise ValueError(f"config['topk_group'] must be between 1 and n_group ({G}), got {G_k}")
-    if G > 1:
-        if E % G != 0 or E // G < 2:
-            raise ValueError(f"n_group ({G}) must divide num_experts ({E}) into groups of at least 2")
-        if k > G_k * (E // G):
-            raise ValueError(f"topk_group ({G_k}) groups of {E // G} experts must hold at least "
-                             f"num_experts_per_tok ({k}) experts")
-
-    S = cfg["num_shared_experts"]
-    if isinstance(S, bool) or not isinstance(S, int) or S < 0:
-        raise ValueError(f"config['num_shared_experts'] must be an integer >= 0, got {S!r}")
-    for key in ("shared_expert_hidden_dim", "latent_dim"):
-        if cfg[key] is not None:
-            check_positive_int(cfg, key)
-    if cfg["shared_expert_hidden_dim"] is not None and S == 0:
-        raise ValueError(f"config['shared_expert_hidden_dim'] ({cfg['shared_expert_hidden_dim']}) is the total "
-                         "width of the shared experts, but num_shared_experts is 0: set num_shared_experts >= 1 "
-                         "or shared_expert_hidden_dim to None")
-    if not isinstance(cfg["shared_expert_gate"], bool):
-        raise ValueError(f"config['shared_expert_gate'] must be True or False, got {cfg['shared_expert_gate']!r}")
-    if cfg["shared_expert_gate"] and S == 0:
-        raise ValueError("config['shared_expert_gate'] is True but there is no shared expert to gate: "
-                         "set num_shared_experts >= 1 or shared_expert_gate to False")
-    if cfg["latent_dim"] is not None and cfg["latent_dim"] > cfg["emb_dim"]:
-        raise ValueError(f"config['latent_dim'] must be None or between 1 and emb_dim ({cfg['emb_dim']}), "
-                         f"got {cfg['latent_dim']}")
-    return cfg
+from .config import (CAPACITY_PRIORITIES, DISPATCH_MODES, EXPERT_TYPES, MOE_OPTIONAL_KEYS,  # noqa: F401
+                     ROUTER_TYPES, validate_model_config, validate_moe_config)
+from .gpt import GELU, FeedForward, GPTModel
 
 
 def shared_expert_hidden(cfg):
@@ -534,6 +406,21 @@ class LatentMoE(MoEFeedForward):
 def make_moe(cfg):
     """The MoE layer a config asks for: LatentMoE when it sets latent_dim, else MoEFeedForward."""
     return LatentMoE(cfg) if cfg.get("latent_dim") else MoEFeedForward(cfg)
+
+
+def is_moe_layer(cfg, layer):
+    """Whether block `layer` (0-based) of a validated model config has an MoE feed-forward."""
+    return cfg["num_experts"] > 0 and (layer + 1) % cfg["moe_every_n_layers"] == 0
+
+
+class MoEGPTModel(GPTModel):
+    """The GPT of utils/gpt.py with a routed MoE feed-forward (make_moe) in every
+    moe_every_n_layers-th block and the dense FeedForward in the others. With num_experts = 0 it
+    is the dense GPTModel. Token ids (B, T) -> logits (B, T, vocab_size)."""
+
+    def __init__(self, cfg):
+        cfg = validate_model_config(cfg)
+        super().__init__(cfg, feedforward=lambda layer: make_moe(cfg) if is_moe_layer(cfg, layer) else FeedForward(cfg))
 
 
 @torch.no_grad()

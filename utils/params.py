@@ -18,11 +18,12 @@ import pathlib
 
 import torch.nn as nn
 
-from .gpt import FeedForward, LayerNorm, MultiHeadAttention, validate_gpt_config
+from .config import EXPERT_TYPES, validate_model_config, validate_moe_config
+from .gpt import FeedForward, LayerNorm, MultiHeadAttention
 from .hf_params import (ALIASES, HF_FAMILIES, MLA_FAMILIES, attention_layer_types, cached_tokens_per_layer,  # noqa: F401
                         count_hf_parameters, kv_cache_values, moe_layer_shape, recurrent_state_values,
                         text_config)
-from .moe import EXPERT_TYPES, MOE_OPTIONAL_KEYS, MoEFeedForward, shared_expert_hidden, validate_moe_config
+from .moe import MoEFeedForward, is_moe_layer, shared_expert_hidden
 
 COMPONENTS = ("embedding", "attention", "dense_ffn", "routed_experts", "shared_experts", "router",
               "latent_proj", "norms", "lm_head")
@@ -48,7 +49,7 @@ def _result(components, active_components):
 
 def count_course_parameters(cfg):
     """Analytic count for a course config (GPTModel with dense, MoE, shared-expert or latent layers)."""
-    cfg = validate_gpt_config(cfg, extra_optional=MOE_OPTIONAL_KEYS)
+    cfg = validate_model_config(cfg)
     V, C, D, L = cfg["vocab_size"], cfg["context_length"], cfg["emb_dim"], cfg["n_layers"]
     total = dict.fromkeys(COMPONENTS, 0)
     total["embedding"] = V * D + C * D
@@ -58,8 +59,7 @@ def count_course_parameters(cfg):
     active = dict(total)
     n_moe = 0
     if cfg["num_experts"] > 0:
-        cfg = validate_moe_config(cfg)
-        n_moe = L // cfg["moe_every_n_layers"]
+        n_moe = sum(is_moe_layer(cfg, layer) for layer in range(L))
         layer = moe_layer_costs(cfg)["param_components"]
         for key, n in layer.items():
             total[key] = active[key] = n_moe * n
@@ -175,7 +175,7 @@ def kv_cache_bytes(config, context_length, batch_size=1, dtype="bfloat16"):
     keys or values in the Mamba-2 and linear-attention layers of hybrids)."""
     per_value = weight_bytes(1, dtype)
     if "model_type" not in config:                             # a course config: full multi-head attention
-        cfg = validate_gpt_config(config, extra_optional=MOE_OPTIONAL_KEYS)
+        cfg = validate_model_config(config)
         return batch_size * context_length * cfg["n_layers"] * 2 * cfg["emb_dim"] * per_value
     return kv_cache_values(config, context_length, batch_size) * per_value
 

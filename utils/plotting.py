@@ -1,7 +1,11 @@
-"""Plots the notebooks share: loss curves from `train()` histories, and saving figures."""
+"""Plots the notebooks share: loss curves from `train()` histories, saving figures, and the
+schematic drawings of notebooks 05-07 (a dense FeedForward vs an MoE layer, three expert layouts, a
+latent MoE)."""
 import pathlib
 
+import matplotlib.patches as patches
 import matplotlib.pyplot as plt
+import torch
 
 
 def plot_loss_curves(histories, title="Loss", x="step", show_train=True, ax=None):
@@ -34,3 +38,108 @@ def save_figure(fig, path, dpi=120):
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, bbox_inches="tight", metadata={"Software": None})
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Schematics: boxes and arrows on an axes running from 0 to 1.
+
+def _box(ax, x, y, w, h, text, color, alpha=1.0, pad=0.02):
+    """A rounded box of width w and height h centred on (x, y), with text inside."""
+    ax.add_patch(patches.FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle=f"round,pad={pad}",
+                                        facecolor=color, edgecolor="black", alpha=alpha))
+    ax.text(x, y, text, ha="center", va="center", fontsize=9)
+
+
+def _arrow(ax, x0, y0, x1, y1, **kw):
+    ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops=dict(arrowstyle="->", **kw))
+
+
+def draw_moe_schematic(n_experts=8, chosen=(2, 5), gates=(0.62, 0.38)):
+    """Notebook 05: one token through a dense FeedForward (left) and through an MoE layer whose
+    router picks the experts `chosen` with weights `gates` (right)."""
+    fig, (ax_d, ax_m) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 2.2]})
+    _box(ax_d, 0.5, 0.1, 0.5, 0.1, "token x (D)", "#ddeeff")
+    _box(ax_d, 0.5, 0.5, 0.5, 0.25, "FeedForward\nD -> 4D -> D", "#ffe0b0")
+    _box(ax_d, 0.5, 0.9, 0.5, 0.1, "output (D)", "#ddeeff")
+    _arrow(ax_d, 0.5, 0.15, 0.5, 0.37)
+    _arrow(ax_d, 0.5, 0.63, 0.5, 0.85)
+    ax_d.set_title("dense: every token, one MLP")
+    k = len(chosen)
+    xs = [0.1 + i * 0.8 / (n_experts - 1) for i in range(n_experts)]
+    _box(ax_m, 0.5, 0.06, 0.22, 0.08, "token x (D)", "#ddeeff")
+    _box(ax_m, 0.5, 0.27, 0.36, 0.1, f"router: softmax(x W_g), keep top-{k}", "#e8d8ff")
+    _arrow(ax_m, 0.5, 0.10, 0.5, 0.22)
+    for i, x in enumerate(xs):
+        on = i in chosen
+        _box(ax_m, x, 0.55, 0.065, 0.2, f"expert\n{i}", "#ffe0b0" if on else "#eeeeee", 1.0 if on else 0.6)
+        if on:
+            _arrow(ax_m, 0.5, 0.32, x, 0.45, color="black")
+            _arrow(ax_m, x, 0.65, 0.5, 0.82, color="black")
+            ax_m.text(x + 0.05, 0.72, f"x {gates[chosen.index(i)]:.2f}", fontsize=9, color="purple")
+    _box(ax_m, 0.5, 0.87, 0.36, 0.08, "weighted sum -> output (D)", "#ddeeff")
+    ax_m.set_title(f"MoE: the router picks k={k} of E={n_experts} experts per token; the other "
+                   f"{n_experts - k} are skipped")
+    for ax in (ax_d, ax_m):
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def draw_expert_layouts(rows, seed=3):
+    """Notebook 06: one row per layout (label, routed experts, top-k, shared experts); the experts a
+    token uses (chosen at random with `seed`) are coloured, the shared ones always."""
+    fig, ax = plt.subplots(figsize=(12, 3.6))
+    rng = torch.Generator().manual_seed(seed)
+    for r, (label, n_routed, k, n_shared) in enumerate(rows):
+        y = len(rows) - 1 - r
+        width = 1.0 / (n_routed + n_shared) if r else 1.0 / n_routed
+        chosen = set(torch.randperm(n_routed, generator=rng)[:k].tolist())
+        for i in range(n_shared + n_routed):
+            shared = i < n_shared
+            used = shared or (i - n_shared) in chosen
+            color = "#7fb3ff" if shared else ("#ffb347" if used else "#eeeeee")
+            ax.add_patch(patches.Rectangle((i * width, y), width * 0.9, 0.6, facecolor=color, edgecolor="gray"))
+        ax.text(-0.02, y + 0.3, label, ha="right", va="center", fontsize=10)
+    for x, color, text in [(0, "#ffb347", "routed expert used by this token"),
+                           (0.38, "#7fb3ff", "shared expert (every token)"),
+                           (0.7, "#eeeeee", "routed expert not used")]:
+        ax.add_patch(patches.Rectangle((x, -0.6), 0.03, 0.3, facecolor=color,
+                                       edgecolor="gray" if color == "#eeeeee" else None))
+        ax.text(x + 0.04, -0.45, text, va="center", fontsize=9)
+    ax.set_xlim(-0.45, 1.0)
+    ax.set_ylim(-0.8, len(rows) - 0.2)
+    ax.axis("off")
+    ax.set_title("Same total parameters, same active parameters, three layouts")
+    fig.tight_layout()
+    return fig
+
+
+def draw_latent_schematic():
+    """Notebook 07: a latent MoE - router and shared expert on the full x (d), routed experts in l."""
+    fig, ax = plt.subplots(figsize=(12, 5))
+    box = lambda x, y, w, h, text, color: _box(ax, x, y, w, h, text, color, pad=0.01)  # noqa: E731
+    arrow = lambda x0, y0, x1, y1: _arrow(ax, x0, y0, x1, y1)                           # noqa: E731
+    box(0.08, 0.5, 0.12, 0.1, "x  (d)", "#ddeeff")
+    box(0.3, 0.85, 0.2, 0.1, "router on full x (d)\nsigmoid, top-k", "#e8d8ff")
+    box(0.3, 0.5, 0.16, 0.1, "down-proj d -> l", "#c8f0c8")
+    box(0.3, 0.15, 0.2, 0.1, "shared expert on full x (d)", "#7fb3ff")
+    for i, y in enumerate([0.7, 0.58, 0.46, 0.34]):
+        box(0.55, y, 0.13, 0.08, f"expert {i}: l -> h -> l", "#ffe0b0" if i in (0, 2) else "#eeeeee")
+    box(0.75, 0.5, 0.12, 0.1, "weighted\nsum in l", "#ffe0b0")
+    box(0.75, 0.28, 0.12, 0.08, "up-proj l -> d", "#c8f0c8")
+    box(0.93, 0.28, 0.1, 0.1, "+  ->  out (d)", "#ddeeff")
+    for x0, y0, x1, y1 in [(0.14, 0.52, 0.2, 0.84), (0.14, 0.5, 0.22, 0.5), (0.14, 0.48, 0.2, 0.16),
+                           (0.38, 0.5, 0.485, 0.7), (0.38, 0.5, 0.485, 0.46), (0.4, 0.84, 0.55, 0.75),
+                           (0.615, 0.7, 0.69, 0.52), (0.615, 0.46, 0.69, 0.49), (0.75, 0.45, 0.75, 0.32),
+                           (0.81, 0.28, 0.88, 0.28), (0.4, 0.15, 0.91, 0.23)]:
+        arrow(x0, y0, x1, y1)
+    ax.text(0.47, 0.8, "gates", fontsize=8, color="purple")
+    ax.text(0.35, 0.36, "only l values per token\nare sent to each expert", fontsize=8, color="darkgreen")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0.05, 0.95)
+    ax.axis("off")
+    ax.set_title("Latent MoE: routing and the shared expert see d; the routed experts work in l < d")
+    fig.tight_layout()
+    return fig
