@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from utils.gpt import (GPT_CONFIG_124M, GELU, GPTModel, LayerNorm, MultiHeadAttention, generate,
+from utils.gpt import (GPT_CONFIG_124M, GELU, GPTModel, KVCache, LayerNorm, MultiHeadAttention, generate,
                        validate_gpt_config)
 from utils.moe import MoEGPTModel
 
@@ -169,6 +169,69 @@ def test_generate_stops_at_eos():
     idx = torch.tensor([[1, 2, 3]])
     first = generate(model, idx, 1)[0, -1].item()
     assert generate(model, idx, 10, eos_id=first).shape == (1, 4)
+
+
+CACHE_BASE = {**TINY, "context_length": 32}
+CACHE_MOE = {**CACHE_BASE, "num_experts": 4, "num_experts_per_tok": 2, "moe_hidden_dim": 32}
+CACHE_MODELS = {
+    "dense": CACHE_BASE,
+    "moe": CACHE_MOE,
+    "shared + sigmoid, every 2nd layer": {**CACHE_MOE, "router_type": "sigmoid", "num_shared_experts": 1,
+                                          "moe_every_n_layers": 2, "expert_type": "swiglu"},
+    "latent": {**CACHE_MOE, "latent_dim": 16, "num_experts": 8, "num_experts_per_tok": 4, "expert_type": "relu2"},
+}
+
+
+@pytest.mark.parametrize("name", CACHE_MODELS)
+def test_cached_generation_equals_uncached(name):
+    torch.manual_seed(0)
+    model = MoEGPTModel(CACHE_MODELS[name]).eval()
+    idx = torch.randint(0, 97, (3, 5))
+    cached = generate(model, idx, 20, use_cache=True)
+    assert torch.equal(cached, generate(model, idx, 20, use_cache=False))
+    # prefill, then one token at a time, gives the logits of the full forward pass at every position
+    cache = KVCache(model.cfg, batch_size=3)
+    with torch.no_grad():
+        steps = [model(cached[:, :5], cache=cache)] + [model(cached[:, t:t + 1], cache=cache) for t in range(5, 25)]
+        full = model(cached)
+    assert cache.length == 25
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+    # ... and so do chunks of several tokens after a prefix (each chunk causal within itself)
+    cache = KVCache(model.cfg, batch_size=3)
+    with torch.no_grad():
+        chunks = [model(cached[:, a:b], cache=cache) for a, b in ((0, 7), (7, 8), (8, 19), (19, 25))]
+    assert torch.allclose(torch.cat(chunks, 1), full, atol=1e-5)
+
+
+def test_cached_generation_beyond_the_context_slides_like_uncached():
+    torch.manual_seed(0)
+    model = GPTModel(CACHE_BASE).eval()
+    for prompt_length in (5, 32, 40):                  # shorter than, equal to, longer than the context
+        idx = torch.randint(0, 97, (2, prompt_length))
+        cached = generate(model, idx, 40, use_cache=True)
+        assert cached.shape == (2, prompt_length + 40)
+        assert torch.equal(cached, generate(model, idx, 40, use_cache=False))
+    sampled = [generate(model, idx[:, :5], 30, temperature=1.0, top_k=10, use_cache=use,
+                        generator=torch.Generator().manual_seed(3)) for use in (True, False)]
+    assert torch.equal(*sampled)
+
+
+def test_kv_cache_size_and_errors():
+    torch.manual_seed(0)
+    model = GPTModel(CACHE_BASE).eval()
+    cache = KVCache(model.cfg, batch_size=2)
+    D, L, C = CACHE_BASE["emb_dim"], CACHE_BASE["n_layers"], CACHE_BASE["context_length"]
+    assert cache.nbytes() == 2 * L * 2 * C * D * 4             # keys and values, every layer, float32
+    with torch.no_grad():
+        model(torch.zeros(2, 30, dtype=torch.long), cache=cache)
+        with pytest.raises(ValueError, match="30 cached"):
+            model(torch.zeros(2, 3, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="return_weights"):
+        model.trf_blocks[0].att(torch.zeros(2, 1, D), return_weights=True, cache=cache)
+    limited = MoEGPTModel({**CACHE_MOE, "capacity_factor": 1.0})
+    with pytest.raises(ValueError, match="capacity_factor"):
+        generate(limited, torch.zeros(1, 3, dtype=torch.long), 2)
+    assert generate(limited, torch.zeros(1, 3, dtype=torch.long), 2, use_cache=False).shape == (1, 5)
 
 
 def load_into_hf_gpt2(model):

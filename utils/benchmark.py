@@ -49,27 +49,34 @@ def _forward_backward(module, x):
     module.zero_grad(set_to_none=True)
 
 
-def time_forward_backward(modules, x, repeats=15, warmup=3):
-    """Median seconds of one forward+backward pass for each module on the same x.
+def time_calls(calls, repeats=15, warmup=3, device="cpu"):
+    """Median seconds of each call in `calls` ({name: function of no arguments}).
 
-    modules: {name: nn.Module}. The modules are run in turn within every repeat, so a slow moment
-    of the machine affects all of them alike; the turn order rotates by one each repeat, so no
-    module always runs first (right after the others' memory traffic, or after a pause).
+    The calls run in turn within every repeat, so a slow moment of the machine affects all of them
+    alike; the turn order rotates by one each repeat, so no call always runs first (right after the
+    others' memory traffic, or after a pause). `device`: where the calls queue their work.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    names = list(modules)
+    names = list(calls)
     times = {name: [] for name in names}
     for i in range(warmup + repeats):
         shift = i % len(names)
         for name in names[shift:] + names[:shift]:
-            synchronize(x.device)
+            synchronize(device)
             start = time.perf_counter()
-            _forward_backward(modules[name], x)
-            synchronize(x.device)
+            calls[name]()
+            synchronize(device)
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def time_forward_backward(modules, x, repeats=15, warmup=3):
+    """Median seconds of one forward+backward pass for each module ({name: nn.Module}) on the same x,
+    timed side by side by time_calls."""
+    return time_calls({name: (lambda m=module: _forward_backward(m, x)) for name, module in modules.items()},
+                      repeats, warmup, x.device)
 
 
 def ratios(times, baseline):

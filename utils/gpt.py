@@ -53,14 +53,28 @@ class MultiHeadAttention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x, return_weights=False):
+    def forward(self, x, return_weights=False, cache=None, layer=0):
+        """With a KVCache, x holds only the new tokens, which come after the cache's `length`
+        tokens; their keys and values are stored in the cache's slot `layer`, and they attend to
+        every earlier token and to each other causally."""
         B, T, _ = x.shape
         if T > self.mask.shape[0]:
             raise ValueError(f"sequence length {T} exceeds context_length {self.mask.shape[0]}")
         q = self.split_heads(self.W_query(x))
         k = self.split_heads(self.W_key(x))
         v = self.split_heads(self.W_value(x))
-        if return_weights:
+        if cache is not None:
+            if return_weights:
+                raise ValueError("return_weights is not supported with a cache")
+            start = cache.length
+            k, v = cache.update(layer, k, v)                             # (B, H, start + T, head_dim)
+            # new token i sits at position start + i and sees positions 0 .. start + i
+            visible = None if T == 1 else ~self.mask[start:start + T, :start + T]
+            if q.device.type == "mps":                                   # see below
+                q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=visible,
+                                                     dropout_p=self.dropout.p if self.training else 0.0)
+        elif return_weights:
             scores = q @ k.transpose(2, 3) / math.sqrt(self.head_dim)   # (B, H, T, T)
             scores = scores.masked_fill(self.mask[:T, :T], float("-inf"))
             weights = torch.softmax(scores, dim=-1)
@@ -139,8 +153,8 @@ class TransformerBlock(nn.Module):
         self.norm2 = LayerNorm(cfg["emb_dim"])
         self.drop_resid = nn.Dropout(cfg.get("drop_rate", 0.0))
 
-    def forward(self, x):
-        x = x + self.drop_resid(self.att(self.norm1(x)))
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.drop_resid(self.att(self.norm1(x), cache=cache, layer=layer))
         x = x + self.drop_resid(self.ff(self.norm2(x)))
         return x
 
@@ -170,35 +184,94 @@ class GPTModel(nn.Module):
         self.final_norm = LayerNorm(cfg["emb_dim"])
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
 
-    def forward(self, idx):
+    def forward(self, idx, cache=None):
+        """idx: (B, T) -> logits (B, T, V). With a KVCache (see KVCache), idx holds only the tokens
+        that follow the cache's `length` tokens; the cache then grows by T."""
         B, T = idx.shape
-        if T > self.cfg["context_length"]:
-            raise ValueError(f"sequence length {T} exceeds context_length {self.cfg['context_length']}")
-        positions = torch.arange(T, device=idx.device)
+        start = 0 if cache is None else cache.length
+        if start + T > self.cfg["context_length"]:
+            raise ValueError(f"sequence length {start + T} ({start} cached + {T} new) exceeds "
+                             f"context_length {self.cfg['context_length']}")
+        positions = torch.arange(start, start + T, device=idx.device)
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(positions))  # (B, T, D)
-        x = self.trf_blocks(x)
+        for layer, block in enumerate(self.trf_blocks):
+            x = block(x, cache=cache, layer=layer)
+        if cache is not None:
+            cache.length += T
         return self.out_head(self.final_norm(x))                          # (B, T, V)
 
 
+class KVCache:
+    """The keys and values of every token a model has seen so far, in every layer, so that
+    generating one more token computes attention for that token only.
+
+    Without a cache, each new token re-runs the whole sequence through every layer. The keys and
+    values of earlier tokens never change (causal attention: a token never sees later ones), so
+    they can be kept: keys[layer] and values[layer] are (B, H, context_length, head_dim) tensors,
+    allocated once, of which the first `length` positions are filled.
+    """
+
+    def __init__(self, cfg, batch_size, device=None, dtype=torch.float32):
+        heads, head_dim = cfg["n_heads"], cfg["emb_dim"] // cfg["n_heads"]
+        shape = (batch_size, heads, cfg["context_length"], head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg["n_layers"])]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg["n_layers"])]
+        self.length = 0
+
+    def update(self, layer, k, v):
+        """Store the new tokens' k, v (B, H, T, head_dim) of `layer` after the cached ones (the model
+        advances `length` once all layers are done); return all keys and values so far."""
+        end = self.length + k.shape[2]
+        if end > self.keys[layer].shape[2]:
+            raise ValueError(f"the cache holds {self.keys[layer].shape[2]} positions, {end} needed")
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def nbytes(self):
+        """Bytes the cache occupies (all positions, filled or not)."""
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=None, generator=None):
+def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=None, generator=None,
+             use_cache=True):
     """Append up to `max_new_tokens` tokens to idx (B, T) and return the longer (B, T') tensor.
 
     temperature 0 picks the most likely token (greedy). temperature > 0 samples from
     softmax(logits / temperature), restricted to the `top_k` most likely tokens when given.
     Stops early when every sequence has produced `eos_id`. Pass a seeded `torch.Generator`
     for reproducible samples.
+
+    use_cache=True keeps every layer's keys and values in a KVCache: the prompt is processed once
+    (prefill), then each step runs only the newest token (decode). It gives the same tokens as
+    use_cache=False, which re-runs the whole sequence every step. Beyond context_length the model
+    sees the last context_length tokens (a sliding window); positions are learned and absolute, so
+    every token then shifts position at each step and the whole window is recomputed, cache or not.
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and not 1 <= top_k <= model.cfg["vocab_size"]:
         raise ValueError(f"top_k must be in [1, vocab_size={model.cfg['vocab_size']}], got {top_k}")
+    limited = [m for m in model.modules() if getattr(m, "capacity_factor", None) is not None]
+    if use_cache and limited:
+        # A capacity is shared by the tokens of one forward pass; one token at a time would drop
+        # other assignments than the full sequence does.
+        raise ValueError(f"use_cache=True needs dropless MoE layers, but a layer has capacity_factor="
+                         f"{limited[0].capacity_factor}: set it to None or pass use_cache=False")
     was_training = model.training
     model.eval()
     context_length = model.cfg["context_length"]
+    cache = None
+    if use_cache and idx.shape[1] <= context_length:
+        cache = KVCache(model.cfg, idx.shape[0], idx.device, next(model.parameters()).dtype)
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
-        logits = model(idx[:, -context_length:])[:, -1, :]               # (B, V)
+        if cache is not None and idx.shape[1] <= context_length:
+            logits = model(idx[:, cache.length:], cache=cache)[:, -1, :]   # prefill, then one token per step
+        else:
+            cache = None                                                 # the window slides: recompute it
+            logits = model(idx[:, -context_length:])[:, -1, :]           # (B, V)
         if temperature == 0.0:
             next_id = logits.argmax(dim=-1, keepdim=True)
         else:
