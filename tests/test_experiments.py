@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from utils.data import DOMAINS, create_dataloader
-from utils.experiments import (EXPERIMENTS, base_config, course_seed, describe, evaluate_at_capacity,
-                               experiment_runs, load_sweep, match_output_scale, merge_sweeps, paired_differences,
-                               per_seed, summarize, train_run)
+from utils.experiments import (EXPERIMENTS, base_config, continue_run, continued_runs, course_seed, describe,
+                               evaluate_at_capacity, experiment_runs, load_sweep, match_output_scale, merge_sweeps,
+                               paired_differences, per_seed, start_continued, summarize, sweep_run_names, train_run)
 from utils.moe import MoEGPTModel
 from utils.moe import make_moe, moe_layers
 from utils.routing_analysis import expert_shares, route_tokens, token_matched_shares, tv_distance
@@ -77,15 +77,19 @@ def test_stored_sweeps_are_complete():
     for notebook in EXPERIMENTS:
         sweep = load_sweep(notebook)
         assert len(sweep["seeds"]) >= 5
-        assert set(sweep["runs"]) == set(experiment_runs(notebook, 4096))
+        assert list(sweep["runs"]) == sweep_run_names(notebook, 4096)
         steps, every = EXPERIMENTS[notebook]["steps"], EXPERIMENTS[notebook]["eval_every"]
         assert (sweep["steps"], sweep["eval_every"]) == (steps, every)      # the notebooks' current runs
+        continued = continued_runs(notebook, 4096)
         for run, by_seed in sweep["runs"].items():
             assert sorted(map(int, by_seed)) == sorted(sweep["seeds"]), run
             for summary in by_seed.values():
                 assert math.isfinite(summary["final_val_loss"]) and set(summary["domain_val_loss"]) == set(DOMAINS)
                 assert summary["val_loss"][-1] == summary["final_val_loss"]
-                assert summary["step"] == sorted({*range(0, steps, every), steps})
+                if run in continued:
+                    assert summary["step"] == [steps, steps + EXPERIMENTS[notebook]["continue_steps"]]
+                else:
+                    assert summary["step"] == sorted({*range(0, steps, every), steps})
 
 
 def test_match_output_scale_matches_the_reference_layer():
@@ -133,6 +137,50 @@ def test_train_run_is_a_function_of_the_seed():
     _, c, _ = train_run(TINY_MOE, data, seed=2, steps=6, eval_every=3, device="cpu")
     assert a["val_loss"] == b["val_loss"] and a["val_loss"] != c["val_loss"]
     assert set(a["domain_val_loss"]) == set(DOMAINS) and len(rec_a.history) == 6
+
+
+class RecordingData(TinyData):
+    """TinyData whose training batches can be told apart: each batch's first token is its index."""
+
+    def train_loader(self, seed):
+        windows = torch.arange(40)[:, None].repeat(1, 17) % 29          # 40 windows, window i filled with i
+        return [(windows[i:i + 2, :-1], windows[i:i + 2, 1:]) for i in range(0, 40, 2)]
+
+
+def test_continue_run_trains_on_the_batches_after_the_first_ones(monkeypatch):
+    import utils.experiments as experiments
+    seen = []
+    real_train = experiments.train
+
+    def spy(model, loader, *args, **kwargs):
+        batches = iter(loader)
+        recorded = (seen.append(batch[0][0, 0].item()) or batch for batch in batches)
+        return real_train(model, type("L", (), {"__iter__": lambda self: recorded})(), *args, **kwargs)
+
+    monkeypatch.setattr(experiments, "train", spy)
+    data = RecordingData()
+    model, _, _ = train_run(TINY_MOE, data, seed=0, steps=3, eval_every=3, device="cpu")
+    _, history, recorder = continue_run(model, data, seed=0, steps=4, after=3, eval_every=2, device="cpu")
+    assert seen == [0, 2, 4] + [6, 8, 10, 12]          # the first batch of each step: none seen twice
+    assert history["step"] == [3, 5, 7] and len(recorder.history) == 4
+
+
+def test_continued_arms_start_from_their_parents():
+    names = sweep_run_names("05", 100)
+    continued = continued_runs("05", 100)
+    assert names[:4] == list(experiment_runs("05", 100)) and names[4:] == list(continued)
+    assert {parent for parent, _ in continued.values()} <= set(experiment_runs("05", 100))
+    assert continued_runs("06", 100) == {}
+    torch.manual_seed(0)
+    dense_cfg = {k: v for k, v in TINY_MOE.items() if k not in ("num_experts", "num_experts_per_tok", "moe_hidden_dim")}
+    dense_cfg["ffn_hidden_dim"] = 32
+    dense = MoEGPTModel(dense_cfg)
+    upcycled = start_continued(dense, TINY_MOE, seed=3)
+    again = start_continued(dense, TINY_MOE, seed=3)
+    assert len(moe_layers(upcycled)) == 2
+    assert all(torch.equal(a, b) for a, b in zip(upcycled.state_dict().values(), again.state_dict().values()))
+    copied = start_continued(dense, dense_cfg, seed=3)
+    assert copied is not dense and all(torch.equal(a, b) for a, b in zip(copied.parameters(), dense.parameters()))
 
 
 def test_evaluate_at_capacity_restores_the_model():

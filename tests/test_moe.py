@@ -5,7 +5,7 @@ import torch
 
 from utils.gpt import GPTModel
 from utils.moe import (Experts, MoEFeedForward, MoEGPTModel, TopKRouter, capacity_keep_mask, dispatch_loop,
-                       dispatch_sorted, load_balancing_loss, make_moe, moe_layers, router_z_loss)
+                       dispatch_sorted, load_balancing_loss, make_moe, moe_layers, router_z_loss, upcycle)
 from utils.train import aux_loss
 
 MOE = {"emb_dim": 16, "num_experts": 6, "num_experts_per_tok": 2, "moe_hidden_dim": 24}
@@ -465,3 +465,81 @@ def test_bfloat16_combine_is_summed_in_float32(dispatch):
     # sum; rounding every product and partial sum to bfloat16 misses that by several steps.
     half_step = 0.5 * torch.finfo(torch.bfloat16).eps * 2.0 ** torch.floor(torch.log2(exact.abs()))
     assert torch.all((out.double() - exact).abs() <= half_step * 1.001)
+
+
+UPCYCLE_DENSE = {"vocab_size": 50, "context_length": 16, "emb_dim": 32, "n_heads": 2, "n_layers": 2,
+                 "ffn_hidden_dim": 48}
+UPCYCLE_MOE = {**UPCYCLE_DENSE, "num_experts": 4, "num_experts_per_tok": 2, "moe_hidden_dim": 48}
+
+
+def trained_a_little(model, steps=3):
+    """Move the weights off their initialisation, so that copies are told apart from fresh ones."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(steps):
+        ids = torch.randint(0, 50, (2, 16))
+        loss = torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.roll(-1, 1).flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_upcycled_model_computes_the_dense_function(every):
+    torch.manual_seed(0)
+    dense = trained_a_little(GPTModel(UPCYCLE_DENSE)).eval()
+    torch.manual_seed(1)
+    moe = upcycle(dense, {**UPCYCLE_MOE, "moe_every_n_layers": every}).eval()
+    assert len(moe_layers(moe)) == 2 // every
+    ids = torch.randint(0, 50, (3, 16))
+    with torch.no_grad():
+        assert torch.allclose(moe(ids), dense(ids), atol=1e-5)
+    for block, dense_block in zip(moe.trf_blocks, dense.trf_blocks):
+        if isinstance(block.ff, MoEFeedForward):
+            w = dense_block.ff.layers[0].weight
+            assert all(torch.equal(block.ff.experts.w_in[e], w) for e in range(4))
+            assert block.ff.router.gate.weight.abs().sum() > 0           # a new router, not zeros
+    # the copies are independent parameters: training the MoE leaves the dense model alone
+    before = dense.trf_blocks[0].ff.layers[0].weight.clone()
+    trained_a_little(moe.train())
+    assert torch.equal(dense.trf_blocks[0].ff.layers[0].weight, before)
+
+
+def test_upcycled_router_gets_no_language_model_gradient_until_experts_differ():
+    torch.manual_seed(0)
+    dense = trained_a_little(GPTModel(UPCYCLE_DENSE))
+    torch.manual_seed(1)
+    moe = upcycle(dense, {**UPCYCLE_MOE, "aux_loss_coef": 0.0})
+    ids = torch.randint(0, 50, (4, 16))
+    loss = torch.nn.functional.cross_entropy(moe(ids).flatten(0, 1), ids.roll(-1, 1).flatten())
+    loss.backward()
+    layer = moe_layers(moe)[0]
+    assert layer.router.gate.weight.grad.abs().max() < 1e-6                # identical experts: gates do not matter
+    grads = layer.experts.w_in.grad
+    assert grads.abs().amax((1, 2)).min() > 0 and not torch.allclose(grads[0], grads[1])   # ... but tokens do
+    with torch.no_grad():
+        layer.experts.w_in[0].mul_(1.5)                                    # experts differ: the router learns
+    moe.zero_grad()
+    torch.nn.functional.cross_entropy(moe(ids).flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
+    assert layer.router.gate.weight.grad.abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"expert_type": "swiglu"}, "expert_type"),
+    ({"moe_hidden_dim": 64}, "moe_hidden_dim"),
+    ({"num_shared_experts": 1}, "num_shared_experts"),
+    ({"latent_dim": 16}, "latent_dim"),
+    ({"num_experts": 0}, "num_experts"),
+    ({"n_heads": 4, "emb_dim": 64, "moe_hidden_dim": 48}, "expected shape"),
+    ({"vocab_size": 51}, "tok_emb"),
+])
+def test_upcycle_rejects_configs_that_do_not_fit_the_dense_model(change, message):
+    dense = GPTModel(UPCYCLE_DENSE)
+    with pytest.raises(ValueError, match=message):
+        upcycle(dense, {**UPCYCLE_MOE, **change})
+
+
+def test_upcycle_needs_a_dense_model():
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="dense GPTModel"):
+        upcycle(MoEGPTModel(UPCYCLE_MOE), UPCYCLE_MOE)

@@ -20,6 +20,8 @@ Evaluation protocol (the same in notebooks 04-07): the whole validation split, b
 unshuffled, every batch; per-domain losses on each domain's part of that split.
 """
 import argparse
+import copy
+import itertools
 import json
 import os
 import pathlib
@@ -30,7 +32,7 @@ import time
 import torch
 
 from .data import DOMAINS, create_dataloader, load_compact_splits, load_token_splits
-from .moe import LoadRecorder, MoEGPTModel, fine_grained, make_moe, moe_layers, update_expert_biases
+from .moe import LoadRecorder, MoEGPTModel, fine_grained, make_moe, moe_layers, update_expert_biases, upcycle
 from .tokenizer import get_tokenizer
 from .train import evaluate, get_device, lm_loss, train
 
@@ -84,17 +86,44 @@ def train_run(cfg, data, seed, steps, *, eval_every, peak_lr=3e-3, device=None, 
     model = MoEGPTModel(cfg)
     if prepare is not None:
         prepare(model)
+    return _train_on(model, data, seed, steps, 0, eval_every, peak_lr, device)
+
+
+def continue_run(model, data, seed, steps, *, after, eval_every, peak_lr=3e-3, device=None):
+    """Train an already trained `model` (in place) for `steps` more steps, on the batches of
+    `seed`'s order that follow the first `after` (those a train_run of `after` steps has not seen),
+    with a fresh AdamW and the same warmup + cosine schedule as train_run, now over `steps` steps.
+    Returns (model, history, recorder) as train_run does; history["step"] counts from `after`.
+    """
+    model, history, recorder = _train_on(model, data, seed, steps, after, eval_every, peak_lr, device)
+    history["step"] = [after + step for step in history["step"]]
+    return model, history, recorder
+
+
+def _train_on(model, data, seed, steps, skip, eval_every, peak_lr, device):
     recorder = LoadRecorder() if moe_layers(model) else None
 
     def after_step(m, step):
         update_expert_biases(m)
         recorder(m, step)
 
-    history = train(model, data.train_loader(seed), data.val_loader(), max_steps=steps, peak_lr=peak_lr,
+    # every epoch in the loader's order, repeated; the first `skip` batches left out
+    batches = itertools.islice(itertools.chain.from_iterable(itertools.repeat(data.train_loader(seed))), skip, None)
+    history = train(model, _Once(batches), data.val_loader(), max_steps=steps, peak_lr=peak_lr,
                     eval_every=eval_every, device=device, seed=seed, verbose=False,
                     after_step=after_step if recorder else None)
     history["domain_val_loss"] = {d: evaluate(model, data.val_loader(d)) for d in DOMAINS}
     return model, history, recorder
+
+
+class _Once:
+    """An iterable over an (endless) iterator, as utils.train.train expects a loader."""
+
+    def __init__(self, iterator):
+        self.iterator = iterator
+
+    def __iter__(self):
+        return self.iterator
 
 
 @torch.no_grad()
@@ -188,6 +217,28 @@ def runs_07(base):
                                                "num_experts_per_tok": 8}}
 
 
+def continued_05(base):
+    """05's sparse-upcycling comparison: {arm: (parent run of runs_05, config of the continued model)}.
+    Each arm takes its parent after the notebook's steps and trains it CONTINUE_STEPS more: the dense
+    model as it is, the dense model upcycled into 8 copies of its FeedForward with top-2 (and a new
+    router), and the MoE trained from scratch."""
+    runs = runs_05(base)
+    upcycled = {**runs["dense"], "num_experts": 8, "num_experts_per_tok": 2,
+                "moe_hidden_dim": runs["dense"]["ffn_hidden_dim"], "aux_loss_coef": 0.01}
+    return {"dense, continued": ("dense", runs["dense"]),
+            "upcycled MoE, continued": ("dense", upcycled),
+            "MoE, continued": ("MoE", runs["MoE"])}
+
+
+def start_continued(parent, cfg, seed):
+    """The model an arm of a `continued` experiment starts from: a copy of the trained `parent`, or,
+    when cfg has experts and the parent has none, its upcycled MoE (router initialised from `seed`)."""
+    if cfg.get("num_experts", 0) > 0 and not moe_layers(parent):
+        torch.manual_seed(seed)
+        return upcycle(parent, cfg)
+    return copy.deepcopy(parent)
+
+
 def prepare_07(base):
     """07's control: the l=32 latent model with its output scale matched to the standard one's at init."""
     standard = runs_07(base)["standard: 8 experts, top-2"]
@@ -197,7 +248,9 @@ def prepare_07(base):
 
 # Steps and evaluation points are chosen so that each notebook trains in about two minutes on a
 # 2-core CPU: 120 or 100 steps of 1,024 tokens (half an epoch), the validation split every 40 or 50.
-EXPERIMENTS = {"05": {"runs": runs_05, "steps": 120, "eval_every": 40, "capacity_eval": True},
+# "continued": runs that start from another run's trained model and train "continue_steps" more.
+EXPERIMENTS = {"05": {"runs": runs_05, "steps": 120, "eval_every": 40, "capacity_eval": True,
+                      "continued": continued_05, "continue_steps": 40},
                "06": {"runs": runs_06, "steps": 100, "eval_every": 50},
                "07": {"runs": runs_07, "steps": 100, "eval_every": 50, "prepared": prepare_07}}
 
@@ -212,6 +265,19 @@ def experiment_runs(notebook, vocab_size):
     for name, (of_run, prepare) in (prepared(base) if prepared else {}).items():
         runs[name] = (runs[of_run][0], prepare)
     return runs
+
+
+def continued_runs(notebook, vocab_size):
+    """{arm: (parent run, config)} of a notebook's continued runs (see continued_05); {} if none."""
+    if notebook not in EXPERIMENTS:
+        raise ValueError(f"notebook must be one of {tuple(EXPERIMENTS)}, got {notebook!r}")
+    continued = EXPERIMENTS[notebook].get("continued")
+    return continued(base_config(vocab_size)) if continued else {}
+
+
+def sweep_run_names(notebook, vocab_size):
+    """Every run a sweep of `notebook` trains, in the notebook's order: the runs, then the continued ones."""
+    return list(experiment_runs(notebook, vocab_size)) + list(continued_runs(notebook, vocab_size))
 
 
 SWEEP_CAPACITIES = (0.5, 1.0, None)
@@ -236,22 +302,39 @@ def seed_sweep(notebook, seeds, device=None, data=None, steps=None, only=None, v
     data = data or CourseData()
     device = torch.device(device) if device is not None else get_device()
     runs, steps = experiment_runs(notebook, len(data.vocab)), steps or EXPERIMENTS[notebook]["steps"]
+    continued = {name: arm for name, arm in continued_runs(notebook, len(data.vocab)).items()
+                 if only is None or name in only}
     runs = {name: run for name, run in runs.items() if only is None or name in only}
     eval_every = EXPERIMENTS[notebook]["eval_every"]
     result = {"notebook": notebook, "steps": steps, "eval_every": eval_every, "seeds": list(seeds),
               "machine": {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
                           "processor": platform.processor() or platform.machine()},
-              "runs": {name: {} for name in runs}}
+              "runs": {name: {} for name in [*runs, *continued]}}
+    capacity_eval = EXPERIMENTS[notebook].get("capacity_eval", False)
+
+    def record(name, seed, start, model, history, recorder):
+        result["runs"][name][str(seed)] = run_summary(model, history, recorder, data,
+                                                      capacity_eval and name not in continued)
+        if verbose:
+            print(f"{notebook} seed {seed} {name:45s} val {history['val_loss'][-1]:.3f} "
+                  f"({time.perf_counter() - start:.0f}s)", flush=True)
+
     for seed in seeds:
+        trained = {}
         for name, (cfg, prepare) in runs.items():
             start = time.perf_counter()
-            model, history, recorder = train_run(cfg, data, seed, steps, eval_every=eval_every, device=device,
-                                                 prepare=prepare)
-            result["runs"][name][str(seed)] = run_summary(model, history, recorder, data,
-                                                          EXPERIMENTS[notebook].get("capacity_eval", False))
-            if verbose:
-                print(f"{notebook} seed {seed} {name:45s} val {history['val_loss'][-1]:.3f} "
-                      f"({time.perf_counter() - start:.0f}s)", flush=True)
+            trained[name] = train_run(cfg, data, seed, steps, eval_every=eval_every, device=device, prepare=prepare)
+            record(name, seed, start, *trained[name])
+        for name, (parent, cfg) in continued.items():
+            start = time.perf_counter()
+            if parent not in trained:     # a sweep of this arm alone trains its parent first
+                parent_cfg, prepare = experiment_runs(notebook, len(data.vocab))[parent]
+                trained[parent] = train_run(parent_cfg, data, seed, steps, eval_every=eval_every, device=device,
+                                            prepare=prepare)
+            model = start_continued(trained[parent][0], cfg, seed)
+            record(name, seed, start, *continue_run(model, data, seed, EXPERIMENTS[notebook]["continue_steps"],
+                                                    after=steps, eval_every=EXPERIMENTS[notebook]["continue_steps"],
+                                                    device=device))
     return result
 
 
@@ -298,7 +381,7 @@ def merge_sweeps(sweeps):
         values = {sweep.get(key) for sweep in sweeps}
         if len(values) > 1:
             raise ValueError(f"cannot merge sweeps with different {key!r}: {sorted(map(str, values))}")
-    order = list(experiment_runs(sweeps[0]["notebook"], vocab_size=1))
+    order = sweep_run_names(sweeps[0]["notebook"], vocab_size=1)
     merged = {**sweeps[0], "seeds": sorted({s for sweep in sweeps for s in sweep["seeds"]}),
               "runs": {name: {} for name in order if any(name in sweep["runs"] for sweep in sweeps)}}
     for sweep in sweeps:
@@ -316,8 +399,14 @@ def main(argv=None):
     parser.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained in parallel processes")
     parser.add_argument("--steps", type=int, default=None, help="override the training steps (a quick trial)")
+    parser.add_argument("--only", nargs="+", default=None, help="train only these runs (names as in the notebook)")
     parser.add_argument("--out", default=str(SWEEP_DIR), help="folder for NN.json")
     args = parser.parse_args(argv)
+    for notebook in args.notebooks:
+        unknown = set(args.only or ()) - {run for nb in args.notebooks for run in sweep_run_names(nb, 1)}
+        if unknown:
+            raise ValueError(f"--only: no run named {sorted(unknown)} in notebooks {args.notebooks}; "
+                             f"the runs are {sweep_run_names(notebook, 1)}")
     out = pathlib.Path(args.out)
     (out / "by_seed").mkdir(parents=True, exist_ok=True)
     for notebook in args.notebooks:   # parts left from another experiment would be merged with these
@@ -329,12 +418,12 @@ def main(argv=None):
                                  f"not {expected}: move it away or choose another --out")
     data = CourseData()
     tasks = [(notebook, seed, run) for notebook in args.notebooks for seed in args.seeds
-             for run in experiment_runs(notebook, len(data.vocab))]
+             for run in sweep_run_names(notebook, len(data.vocab)) if not args.only or run in args.only]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
 
     def save(sweep):   # each (notebook, seed, run) as soon as it is done: an interrupted sweep keeps them
         run = next(iter(sweep["runs"]))
-        index = list(experiment_runs(sweep["notebook"], len(data.vocab))).index(run)
+        index = sweep_run_names(sweep["notebook"], len(data.vocab)).index(run)
         (out / "by_seed" / f"{sweep['notebook']}_seed{sweep['seeds'][0]}_run{index}.json").write_text(
             json.dumps(sweep) + "\n")
 

@@ -424,6 +424,53 @@ class MoEGPTModel(GPTModel):
 
 
 @torch.no_grad()
+def upcycle(dense_model, cfg):
+    """Sparse upcycling (Komatsuzaki et al. 2022, arXiv 2212.05055): an MoEGPTModel(cfg) that
+    starts from a trained dense model instead of from random weights.
+
+    Every weight outside the feed-forward layers (embeddings, attention, norms, output head) is
+    copied. In every MoE layer, each of the E experts is a copy of that block's trained
+    FeedForward, and the router is new, initialised from torch's current random state; dense
+    blocks keep their FeedForward. cfg must be the dense model's config plus the MoE keys, with
+    "gelu" experts whose moe_hidden_dim is the dense FeedForward's hidden size.
+
+    With renormalised top-k gates (norm_topk_prob, the default; they sum to 1) and
+    routed_scaling_factor 1, every token's output is sum_e gate_e * FFN(x) = FFN(x): the new model
+    computes exactly the dense model's function until training moves its experts apart.
+    """
+    if not isinstance(dense_model, GPTModel) or moe_layers(dense_model):
+        raise ValueError("dense_model must be a dense GPTModel (a model without MoE layers)")
+    cfg = validate_model_config(cfg)
+    hidden = dense_model.cfg["ffn_hidden_dim"]
+    if cfg["num_experts"] < 1:
+        raise ValueError(f"num_experts must be at least 1 to upcycle, got {cfg['num_experts']}")
+    for key, allowed in (("expert_type", "gelu"), ("moe_hidden_dim", hidden), ("latent_dim", None),
+                         ("num_shared_experts", 0)):
+        if cfg[key] != allowed:
+            raise ValueError(f"upcycling copies the dense FeedForward (GELU, hidden {hidden}) into every "
+                             f"expert, so {key} must be {allowed!r}, got {cfg[key]!r}")
+    model = MoEGPTModel(cfg)
+    dense_state = dense_model.state_dict()
+    for name, tensor in model.state_dict().items():
+        if ".ff." in name and not name.split(".ff.")[1].startswith("layers."):
+            continue                                         # MoE layers: filled below
+        if name not in dense_state or dense_state[name].shape != tensor.shape:
+            found = tuple(dense_state[name].shape) if name in dense_state else "nothing"
+            raise ValueError(f"cfg does not match the dense model at {name}: expected shape "
+                             f"{tuple(tensor.shape)}, the dense model has {found}")
+        tensor.copy_(dense_state[name])
+    for block, dense_block in zip(model.trf_blocks, dense_model.trf_blocks):
+        if isinstance(block.ff, MoEFeedForward):
+            fc1, fc2 = dense_block.ff.layers[0], dense_block.ff.layers[2]
+            experts = block.ff.experts
+            experts.w_in.copy_(fc1.weight.expand_as(experts.w_in))       # (E, H, D) <- (H, D)
+            experts.b_in.copy_(fc1.bias.expand_as(experts.b_in))
+            experts.w_out.copy_(fc2.weight.expand_as(experts.w_out))     # (E, D, H) <- (D, H)
+            experts.b_out.copy_(fc2.bias.expand_as(experts.b_out))
+    return model.to(next(dense_model.parameters()).device)
+
+
+@torch.no_grad()
 def update_expert_biases(model, step=None):
     """Auxiliary-loss-free balancing (DeepSeek-V3), as an `after_step` callback for train().
 
