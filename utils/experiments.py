@@ -14,7 +14,9 @@ imbalance. Run it with
     python -m utils.experiments 05 --seeds 0 1 2 3 4 5 6 7
 
 which writes utils/assets/seed_sweeps/05.json; the notebooks read those files to state the
-spread behind each claim (`paired_differences`, `summarize`).
+spread behind each claim (`paired_differences`, `summarize`). Some runs start from another run's
+trained model and train a few more steps (`continue_run`, EXPERIMENTS[notebook]["continued"]):
+notebook 05's sparse-upcycling comparison.
 
 Evaluation protocol (the same in notebooks 04-07): the whole validation split, both domains,
 unshuffled, every batch; per-domain losses on each domain's part of that split.
