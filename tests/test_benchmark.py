@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from utils.benchmark import DenseEquivalent, ratios, time_forward_backward
+from utils.benchmark import DenseEquivalent, ratios, time_calls, time_forward_backward
 from utils.moe import MoEFeedForward
 
 CFG = {"emb_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_hidden_dim": 8}
@@ -27,6 +27,8 @@ def test_benchmark_runs_every_module_and_reports_ratios():
     r = ratios(times, "dense")
     assert r["dense"] == 1.0 and r["sorted"] == pytest.approx(times["sorted"] / times["dense"])
     assert all(p.grad is None for m in modules.values() for p in m.parameters())  # left clean
+    with pytest.raises(ValueError, match="empty"):
+        time_calls({})
     with pytest.raises(ValueError, match="repeats"):
         time_forward_backward(modules, torch.randn(2, 8, 16), repeats=0)
 
@@ -99,8 +101,8 @@ def test_sorted_dispatch_is_faster_than_transformers_mixtral_block():
 
 
 def test_kv_cache_speeds_up_decoding_at_least_2x():
-    """The bar of the serving notebook: 200 new tokens for a batch of 4 prompts from a 4-layer model,
-    with and without the cache."""
+    """The KV cache's bar: 200 new tokens for a batch of 4 prompts from a 4-layer model, with and
+    without the cache."""
     from utils.gpt import GPTModel, generate
     from utils.benchmark import time_calls
     torch.manual_seed(0)

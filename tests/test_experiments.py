@@ -181,6 +181,8 @@ def test_continued_arms_start_from_their_parents():
     assert all(torch.equal(a, b) for a, b in zip(upcycled.state_dict().values(), again.state_dict().values()))
     copied = start_continued(dense, dense_cfg, seed=3)
     assert copied is not dense and all(torch.equal(a, b) for a, b in zip(copied.parameters(), dense.parameters()))
+    with pytest.raises(ValueError, match="parent's own config"):
+        start_continued(dense, {**dense_cfg, "ffn_hidden_dim": 64}, seed=3)
 
 
 def test_evaluate_at_capacity_restores_the_model():

@@ -228,6 +228,8 @@ def test_kv_cache_size_and_errors():
             model(torch.zeros(2, 3, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match="return_weights"):
         model.trf_blocks[0].att(torch.zeros(2, 1, D), return_weights=True, cache=cache)
+    with pytest.raises(ValueError, match="dtype"):
+        model(torch.zeros(2, 1, dtype=torch.long), cache=KVCache(model.cfg, batch_size=2, dtype=torch.bfloat16))
     limited = MoEGPTModel({**CACHE_MOE, "capacity_factor": 1.0})
     with pytest.raises(ValueError, match="capacity_factor"):
         generate(limited, torch.zeros(1, 3, dtype=torch.long), 2)

@@ -530,8 +530,13 @@ def test_upcycled_router_gets_no_language_model_gradient_until_experts_differ():
     ({"num_shared_experts": 1}, "num_shared_experts"),
     ({"latent_dim": 16}, "latent_dim"),
     ({"num_experts": 0}, "num_experts"),
-    ({"n_heads": 4, "emb_dim": 64, "moe_hidden_dim": 48}, "expected shape"),
-    ({"vocab_size": 51}, "tok_emb"),
+    ({"n_heads": 4, "emb_dim": 64}, "emb_dim"),
+    ({"vocab_size": 51}, "vocab_size"),
+    ({"n_layers": 1}, "n_layers"),
+    ({"qkv_bias": True}, "qkv_bias"),
+    ({"norm_topk_prob": False}, "norm_topk_prob"),
+    ({"routed_scaling_factor": 2.0}, "routed_scaling_factor"),
+    ({"capacity_factor": 1.0}, "capacity_factor"),
 ])
 def test_upcycle_rejects_configs_that_do_not_fit_the_dense_model(change, message):
     dense = GPTModel(UPCYCLE_DENSE)

@@ -1,4 +1,5 @@
-"""Speed as ratios: forward+backward time of several layers on the same input, in one process.
+"""Speed as ratios: several calls (forward+backward passes of layers on the same input, generation
+runs, ...) timed side by side in one process.
 
 Absolute seconds depend on the machine and on whatever else it is doing; the ratio between two
 layers measured side by side (interleaved in a rotating order, median of repeats) is what carries
@@ -58,6 +59,8 @@ def time_calls(calls, repeats=15, warmup=3, device="cpu"):
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if not calls:
+        raise ValueError("calls is empty: give at least one {name: function}")
     names = list(calls)
     times = {name: [] for name in names}
     for i in range(warmup + repeats):

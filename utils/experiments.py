@@ -33,6 +33,7 @@ import time
 
 import torch
 
+from .config import validate_model_config
 from .data import DOMAINS, create_dataloader, load_compact_splits, load_token_splits
 from .moe import LoadRecorder, MoEGPTModel, fine_grained, make_moe, moe_layers, update_expert_biases, upcycle
 from .tokenizer import get_tokenizer
@@ -95,7 +96,8 @@ def continue_run(model, data, seed, steps, *, after, eval_every, peak_lr=3e-3, d
     """Train an already trained `model` (in place) for `steps` more steps, on the batches of
     `seed`'s order that follow the first `after` (those a train_run of `after` steps has not seen),
     with a fresh AdamW and the same warmup + cosine schedule as train_run, now over `steps` steps.
-    Returns (model, history, recorder) as train_run does; history["step"] counts from `after`.
+    Returns (model, history, recorder) as train_run does; history["step"] counts from `after`, while
+    history["tokens_seen"] and the recorder count this continuation only.
     """
     model, history, recorder = _train_on(model, data, seed, steps, after, eval_every, peak_lr, device)
     history["step"] = [after + step for step in history["step"]]
@@ -238,6 +240,8 @@ def start_continued(parent, cfg, seed):
     if cfg.get("num_experts", 0) > 0 and not moe_layers(parent):
         torch.manual_seed(seed)
         return upcycle(parent, cfg)
+    if validate_model_config(cfg) != parent.cfg:
+        raise ValueError("cfg must be the parent's own config when the arm continues the parent as it is")
     return copy.deepcopy(parent)
 
 
@@ -404,11 +408,10 @@ def main(argv=None):
     parser.add_argument("--only", nargs="+", default=None, help="train only these runs (names as in the notebook)")
     parser.add_argument("--out", default=str(SWEEP_DIR), help="folder for NN.json")
     args = parser.parse_args(argv)
-    for notebook in args.notebooks:
-        unknown = set(args.only or ()) - {run for nb in args.notebooks for run in sweep_run_names(nb, 1)}
-        if unknown:
-            raise ValueError(f"--only: no run named {sorted(unknown)} in notebooks {args.notebooks}; "
-                             f"the runs are {sweep_run_names(notebook, 1)}")
+    known = {nb: sweep_run_names(nb, 1) for nb in args.notebooks}
+    unknown = set(args.only or ()) - {run for runs in known.values() for run in runs}
+    if unknown:
+        raise ValueError(f"--only: no run named {sorted(unknown)}; the runs are {known}")
     out = pathlib.Path(args.out)
     (out / "by_seed").mkdir(parents=True, exist_ok=True)
     for notebook in args.notebooks:   # parts left from another experiment would be merged with these

@@ -222,6 +222,9 @@ class KVCache:
         """Store the new tokens' k, v (B, H, T, head_dim) of `layer` after the cached ones (the model
         advances `length` once all layers are done); return all keys and values so far."""
         end = self.length + k.shape[2]
+        if k.dtype != self.keys[layer].dtype or k.device != self.keys[layer].device:
+            raise ValueError(f"the cache holds {self.keys[layer].dtype} on {self.keys[layer].device}, the model "
+                             f"gives {k.dtype} on {k.device}: build the cache with the model's dtype and device")
         if end > self.keys[layer].shape[2]:
             raise ValueError(f"the cache holds {self.keys[layer].shape[2]} positions, {end} needed")
         self.keys[layer][:, :, self.length:end] = k
@@ -254,7 +257,7 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=Non
     if top_k is not None and not 1 <= top_k <= model.cfg["vocab_size"]:
         raise ValueError(f"top_k must be in [1, vocab_size={model.cfg['vocab_size']}], got {top_k}")
     limited = [m for m in model.modules() if getattr(m, "capacity_factor", None) is not None]
-    if use_cache and limited:
+    if use_cache and limited and idx.shape[1] <= model.cfg["context_length"]:
         # A capacity is shared by the tokens of one forward pass; one token at a time would drop
         # other assignments than the full sequence does.
         raise ValueError(f"use_cache=True needs dropless MoE layers, but a layer has capacity_factor="

@@ -444,11 +444,19 @@ def upcycle(dense_model, cfg):
     hidden = dense_model.cfg["ffn_hidden_dim"]
     if cfg["num_experts"] < 1:
         raise ValueError(f"num_experts must be at least 1 to upcycle, got {cfg['num_experts']}")
+    for key in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias"):
+        if cfg[key] != dense_model.cfg[key]:
+            raise ValueError(f"cfg must describe the dense model's GPT: {key} is {cfg[key]!r} in cfg, "
+                             f"{dense_model.cfg[key]!r} in the dense model")
     for key, allowed in (("expert_type", "gelu"), ("moe_hidden_dim", hidden), ("latent_dim", None),
                          ("num_shared_experts", 0)):
         if cfg[key] != allowed:
             raise ValueError(f"upcycling copies the dense FeedForward (GELU, hidden {hidden}) into every "
                              f"expert, so {key} must be {allowed!r}, got {cfg[key]!r}")
+    for key, allowed in (("norm_topk_prob", True), ("routed_scaling_factor", 1.0), ("capacity_factor", None)):
+        if cfg[key] != allowed:   # otherwise the gates would not sum to 1, or assignments would be dropped
+            raise ValueError(f"an upcycled model starts as the dense function only with {key} = {allowed!r}, "
+                             f"got {cfg[key]!r}")
     model = MoEGPTModel(cfg)
     dense_state = dense_model.state_dict()
     for name, tensor in model.state_dict().items():
