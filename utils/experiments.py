@@ -113,21 +113,11 @@ def _train_on(model, data, seed, steps, skip, eval_every, peak_lr, device):
 
     # every epoch in the loader's order, repeated; the first `skip` batches left out
     batches = itertools.islice(itertools.chain.from_iterable(itertools.repeat(data.train_loader(seed))), skip, None)
-    history = train(model, _Once(batches), data.val_loader(), max_steps=steps, peak_lr=peak_lr,
+    history = train(model, batches, data.val_loader(), max_steps=steps, peak_lr=peak_lr,
                     eval_every=eval_every, device=device, seed=seed, verbose=False,
                     after_step=after_step if recorder else None)
     history["domain_val_loss"] = {d: evaluate(model, data.val_loader(d)) for d in DOMAINS}
     return model, history, recorder
-
-
-class _Once:
-    """An iterable over an (endless) iterator, as utils.train.train expects a loader."""
-
-    def __init__(self, iterator):
-        self.iterator = iterator
-
-    def __iter__(self):
-        return self.iterator
 
 
 @torch.no_grad()

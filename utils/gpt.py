@@ -68,13 +68,7 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError("return_weights is not supported with a cache")
             start = cache.length
             k, v = cache.update(layer, k, v)                             # (B, H, start + T, head_dim)
-            # new token i sits at position start + i and sees positions 0 .. start + i
-            visible = None if T == 1 else ~self.mask[start:start + T, :start + T]
-            if q.device.type == "mps":                                   # see below
-                q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-            context = F.scaled_dot_product_attention(q, k, v, attn_mask=visible,
-                                                     dropout_p=self.dropout.p if self.training else 0.0)
-        elif return_weights:
+        if return_weights:
             scores = q @ k.transpose(2, 3) / math.sqrt(self.head_dim)   # (B, H, T, T)
             scores = scores.masked_fill(self.mask[:T, :T], float("-inf"))
             weights = torch.softmax(scores, dim=-1)
@@ -87,7 +81,9 @@ class MultiHeadAttention(nn.Module):
             # (pytorch/pytorch#181133): give it contiguous ones there.
             if q.device.type == "mps":
                 q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-            context = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+            # With a cache, new token i sits at position start + i and sees positions 0 .. start + i.
+            visible = None if cache is None or T == 1 else ~self.mask[start:start + T, :start + T]
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=cache is None,
                                                      dropout_p=self.dropout.p if self.training else 0.0)
         out = self.out_proj(context.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
         return (out, weights) if return_weights else out
