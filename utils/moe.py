@@ -159,12 +159,14 @@ class Experts(nn.Module):
         tensors of the same shapes. Slicing the stacked weights with unbind, once, keeps the
         backward pass to one gradient tensor per weight instead of one full-size one per expert.
         """
-        E = self.num_experts
-        w_in, w_out = self.w_in.unbind(0), self.w_out.unbind(0)
-        w_gate = self.w_gate.unbind(0) if self.w_gate is not None else [None] * E
-        b_in = self.b_in.unbind(0) if self.b_in is not None else [None] * E
-        b_out = self.b_out.unbind(0) if self.b_out is not None else [None] * E
-        return [self.mlp(x, w_in[e], w_out[e], w_gate[e], b_in[e], b_out[e]) if x.shape[0] else x
+        weights = [self.w_in, self.w_out, self.w_gate, self.b_in, self.b_out]
+        if torch.is_grad_enabled():
+            # unbind once: its backward writes all experts' gradients into one tensor per weight
+            weights = [w.unbind(0) if w is not None else [None] * len(inputs) for w in weights]
+            return [self.mlp(x, *(w[e] for w in weights)) if x.shape[0] else x for e, x in enumerate(inputs)]
+        # Without autograd (generation), index just the experts that have tokens: a decode step of
+        # one token touches only k of them, and slicing all E would cost more than their matmuls.
+        return [self.mlp(x, *(w[e] if w is not None else None for w in weights)) if x.shape[0] else x
                 for e, x in enumerate(inputs)]
 
     def mlp(self, x, w_in, w_out, w_gate=None, b_in=None, b_out=None):
@@ -324,7 +326,7 @@ class MoEFeedForward(nn.Module):
         self.shared_expert = Experts(1, D, shared_hidden, cfg["expert_type"]) if shared_hidden else None
         self.shared_expert_gate = nn.Linear(D, 1, bias=False) if shared_hidden and cfg["shared_expert_gate"] else None
         self.aux_loss = None
-        self.last_routing = None
+        self._routing = None
 
     def to_experts(self, x):
         """Map token vectors into the experts' space (the identity here; LatentMoE projects down)."""
@@ -349,15 +351,15 @@ class MoEFeedForward(nn.Module):
         flat = x.reshape(-1, D)                                           # (N, D)
         logits, scores, probs, topk_idx, topk_weight = self.router(flat)
         N, k = topk_idx.shape
-        keep = torch.ones_like(topk_idx, dtype=torch.bool)
+        token_idx = torch.arange(N, device=x.device).repeat_interleave(k)  # (N*k,) token of each assignment
+        assignments = token_idx, topk_idx.reshape(-1), topk_weight.reshape(-1)
+        keep = None                                                       # dropless: every assignment kept
         if self.capacity_factor is not None:
             pool = T if self.capacity_priority == "position" else N
             keep = capacity_keep_mask(topk_idx.view(B, T, k), self.num_experts, self.capacity(pool),
                                       self.capacity_priority).view(N, k)
-        token_idx = torch.arange(N, device=x.device).repeat_interleave(k)  # (N*k,) token of each assignment
-        keep_flat = keep.reshape(-1)
-        routed = self.dispatch(self.to_experts(flat), token_idx[keep_flat], topk_idx.reshape(-1)[keep_flat],
-                               topk_weight.reshape(-1)[keep_flat], self.experts)
+            assignments = [a[keep.reshape(-1)] for a in assignments]
+        routed = self.dispatch(self.to_experts(flat), *assignments, self.experts)
         out = self.from_experts(routed)
         if self.shared_expert is not None:
             shared = self.shared_expert.dense(flat)
@@ -369,8 +371,13 @@ class MoEFeedForward(nn.Module):
             self.aux_loss = self.aux_loss + self.seq_aux_loss_coef * sequence_balance_loss(probs, topk_idx, B)
         if self.z_loss_coef > 0:
             self.aux_loss = self.aux_loss + self.z_loss_coef * router_z_loss(logits)
-        self.last_routing = routing_stats(probs, topk_idx, keep)
+        self._routing = (probs.detach(), topk_idx.detach(), keep)
         return out.reshape(B, T, D)
+
+    @property
+    def last_routing(self):
+        """routing_stats of the last forward pass (None before the first), computed when read."""
+        return routing_stats(*self._routing) if self._routing is not None else None
 
 
 class LatentMoE(MoEFeedForward):
