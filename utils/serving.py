@@ -1,0 +1,142 @@
+"""Serving an MoE: how many experts a batch of decode steps touches, which weights a decode step
+must read, and the formats real models ship their weights in.
+
+Generating text runs one token per sequence per step (decode). Each step multiplies a few vectors
+by every weight matrix it uses, so on a GPU its time is bounded by reading those weights from
+memory, not by arithmetic. A dense model reads all its weights every step. An MoE reads its
+non-expert weights plus the experts its tokens chose: k experts per layer for one sequence, nearly
+all E for a large batch, where each sequence's token picks its own k.
+
+Shapes: B = batch (sequences decoded together), T = prompt length, L = MoE layers.
+"""
+import torch
+
+from .gpt import KVCache
+from .moe import is_moe_layer, moe_layers
+from .config import validate_model_config
+from .params import count_parameters, moe_layer_shape
+
+# Bits per stored weight, per parameter component of utils.params.count_parameters:
+# (bits of every component not listed, {component: bits}).
+#   "fp8":   8-bit floats (e4m3) with one float32 scale per 128 x 128 block in every linear layer;
+#            embeddings, output head, norms and router kept in bfloat16 (DeepSeek-V3, arXiv
+#            2412.19437, section 3.3; its config.json: quant_method "fp8", weight_block_size [128, 128]).
+#   "mxfp4": the routed experts' weights in MXFP4, 4-bit values sharing an 8-bit scale per 32 (4.25
+#            bits per parameter), the rest in bfloat16 (gpt-oss model card, arXiv 2508.10925;
+#            config.json: quant_method "mxfp4"). The experts' small bias vectors are counted at 4.25 bits too.
+_FP8_LINEAR = 8 + 32 / (128 * 128)
+WEIGHT_FORMATS = {
+    "float32": (32, {}),
+    "bfloat16": (16, {}),
+    "fp8": (16, {c: _FP8_LINEAR for c in ("attention", "recurrent", "dense_ffn", "routed_experts",
+                                           "shared_experts", "latent_proj")}),
+    "mxfp4": (16, {"routed_experts": 4.25}),
+}
+# The format each shipped config's model is published in; bfloat16 for the others. The configs of
+# Kimi K2 and gpt-oss-120b carry it in their quantization_config (a test checks that they agree);
+# the copies of DeepSeek-V3's and gpt-oss-20b's config here lack that field.
+SHIPPED_FORMATS = {"deepseek-v3": "fp8", "kimi-k2": "fp8", "gpt-oss-20b": "mxfp4", "gpt-oss-120b": "mxfp4"}
+
+
+def format_of_config(config):
+    """The weight format a config.json's quantization_config declares ("bfloat16" when none)."""
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    if method is None:
+        return "bfloat16"
+    if method not in WEIGHT_FORMATS:
+        raise ValueError(f"quant_method must be one of {tuple(WEIGHT_FORMATS)}, got {method!r}")
+    return method
+
+
+def expected_experts_touched(num_experts, top_k, batch_size):
+    """Distinct experts that batch_size tokens choose in one layer, on average, if every token picks
+    its top_k experts uniformly at random and independently of the others: E * (1 - (1 - k/E)^B).
+
+    Each expert is missed by one token with probability 1 - k/E, by all B with (1 - k/E)^B.
+    Independent routing with equal loads gives the most distinct experts: unequal loads or tokens
+    that agree with each other touch fewer.
+    """
+    for name, value in (("num_experts", num_experts), ("top_k", top_k), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if top_k > num_experts:
+        raise ValueError(f"top_k must be at most num_experts ({num_experts}), got {top_k}")
+    return num_experts * (1 - (1 - top_k / num_experts) ** batch_size)
+
+
+@torch.no_grad()
+def experts_touched_per_step(model, token_ids, prompt_len):
+    """Count the experts each decode step of a batch uses.
+
+    token_ids: (B, T) token ids of B sequences. The first prompt_len tokens of each are prefilled
+    at once; then every following token runs as one decode step (one token per sequence, with the
+    KV cache), as if the model had generated the rest of the text. Returns a
+    (T - prompt_len, L) tensor: the number of distinct experts the B tokens of each decode step
+    chose in each MoE layer (k when B = 1).
+    """
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError("the model has no MoE layers")
+    B, T = token_ids.shape
+    if not 1 <= prompt_len < T:
+        raise ValueError(f"prompt_len must be in [1, {T - 1}] (token_ids has {T} tokens per sequence), got {prompt_len}")
+    if T > model.cfg["context_length"]:
+        raise ValueError(f"token_ids has {T} tokens per sequence, more than context_length {model.cfg['context_length']}")
+    was_training = model.training
+    model.eval()
+    cache = KVCache(model.cfg, B, token_ids.device, next(model.parameters()).dtype)
+    model(token_ids[:, :prompt_len], cache=cache)                        # prefill
+    touched = []
+    for t in range(prompt_len, T):
+        model(token_ids[:, t:t + 1], cache=cache)                         # one decode step
+        touched.append([layer.last_routing["topk_idx"].unique().numel() for layer in layers])
+    model.train(was_training)
+    return torch.tensor(touched)
+
+
+def _moe_shape(config):
+    """(num_experts, top_k, number of MoE layers) of a course or Hugging Face config."""
+    if "model_type" in config:
+        shape = moe_layer_shape(config)
+        return shape["num_experts"], shape["top_k"], shape["moe_layers"]
+    cfg = validate_model_config(config)
+    n_moe = sum(is_moe_layer(cfg, layer) for layer in range(cfg["n_layers"]))
+    return cfg["num_experts"], cfg["num_experts_per_tok"], n_moe
+
+
+def _bits(fmt, component):
+    if fmt not in WEIGHT_FORMATS:
+        raise ValueError(f"fmt must be one of {tuple(WEIGHT_FORMATS)}, got {fmt!r}")
+    default, special = WEIGHT_FORMATS[fmt]
+    return special.get(component, default)
+
+
+def stored_weight_bytes(config, fmt="bfloat16"):
+    """Bytes of all weights of a course or Hugging Face config stored in a WEIGHT_FORMATS format."""
+    components = count_parameters(config)["components"]
+    return sum(n * _bits(fmt, c) / 8 for c, n in components.items())
+
+
+def decode_step_weight_bytes(config, batch_size, fmt="bfloat16", experts_touched=None):
+    """Bytes of weights one decode step of batch_size sequences reads, by part:
+    {"experts": the routed experts touched, "other": every other weight, "total": both}.
+
+    experts_touched: distinct experts per MoE layer (the average over layers); by default the
+    independent-routing estimate of expected_experts_touched. Every other weight is read in full,
+    except the embedding table, of which a step reads only the B rows it looks up (left out here:
+    B * emb_dim values); a model whose output head is tied to the embedding reads it as the head.
+    """
+    counts = count_parameters(config)["components"]
+    E, k, n_moe = _moe_shape(config)
+    if experts_touched is None:
+        experts_touched = expected_experts_touched(E, k, batch_size) if n_moe else 0
+    elif not 0 <= experts_touched <= E:
+        raise ValueError(f"experts_touched must be between 0 and num_experts ({E}), got {experts_touched}")
+    other = {c: n for c, n in counts.items() if c not in ("embedding", "routed_experts")}
+    if "lm_head" not in counts:                                  # tied: the head is the embedding matrix
+        other["lm_head"] = counts["embedding"]
+    experts = counts.get("routed_experts", 0) * (experts_touched / E if n_moe else 0)
+    result = {"experts": experts * _bits(fmt, "routed_experts") / 8,
+              "other": sum(n * _bits(fmt, "lm_head" if c == "lm_head" else c) / 8 for c, n in other.items())}
+    result["total"] = result["experts"] + result["other"]
+    return result
