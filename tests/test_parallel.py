@@ -1,0 +1,87 @@
+"""Expert parallelism over W = 2 and 4 gloo processes equals the single-process layer."""
+import copy
+
+import pytest
+import torch
+
+from utils.moe import make_moe
+from utils.parallel import ExpertParallelMoE, launch
+
+BASE = {"emb_dim": 16, "num_experts": 8, "num_experts_per_tok": 2, "moe_hidden_dim": 12, "aux_loss_coef": 0.01}
+CONFIGS = {"plain": BASE,
+           "shared + sigmoid + z-loss": {**BASE, "num_shared_experts": 1, "router_type": "sigmoid",
+                                         "expert_type": "swiglu", "z_loss_coef": 0.001},
+           "latent": {**BASE, "latent_dim": 8, "expert_type": "relu2"}}
+SEQS_PER_RANK, T = 2, 5
+
+
+def layer_and_batch(cfg, world_size, seed=0):
+    torch.manual_seed(seed)
+    moe = make_moe(cfg)
+    x = torch.randn(world_size * SEQS_PER_RANK, T, cfg["emb_dim"])
+    return moe, x
+
+
+def expert_parallel_steps(rank, world_size):
+    """expert_parallel_step for every config (one launch: starting processes is the slow part)."""
+    return {name: expert_parallel_step(rank, world_size, cfg) for name, cfg in CONFIGS.items()}
+
+
+def expert_parallel_step(rank, world_size, cfg):
+    """One forward and backward of the expert-parallel layer on this rank's share of the batch."""
+    moe, x = layer_and_batch(cfg, world_size)
+    x = x[rank * SEQS_PER_RANK:(rank + 1) * SEQS_PER_RANK].clone().requires_grad_(True)
+    layer = ExpertParallelMoE(moe)
+    y = layer(x)
+    # The summed loss over ranks is the single-process loss: the aux loss is global, so each rank takes 1/W.
+    (y.pow(2).sum() + layer.aux_loss / world_size).backward()
+    expert_grads = {name: p.grad for name, p in layer.local_experts.named_parameters()}
+    replicated = {name: p.grad for name, p in layer.moe.named_parameters()}
+    return {"y": y.detach(), "x_grad": x.grad, "expert_grads": expert_grads, "replicated_grads": replicated,
+            "aux_loss": layer.aux_loss.item(), "expert_params": sum(p.numel() for p in layer.local_experts.parameters()),
+            "exchange": layer.last_exchange}
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"W={w}")
+def runs(request):
+    world_size = request.param
+    per_rank = launch(expert_parallel_steps, world_size)
+    return world_size, {name: [r[name] for r in per_rank] for name in CONFIGS}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_expert_parallel_equals_the_single_process_layer(runs, name):
+    world_size, results = runs
+    cfg, ranks = CONFIGS[name], results[name]
+    moe, x = layer_and_batch(cfg, world_size)
+    x.requires_grad_(True)
+    y = moe(x)
+    (y.pow(2).sum() + moe.aux_loss).backward()
+    assert torch.allclose(torch.cat([r["y"] for r in ranks]), y, atol=1e-5)
+    assert torch.allclose(torch.cat([r["x_grad"] for r in ranks]), x.grad, atol=1e-5)
+    assert all(r["aux_loss"] == pytest.approx(moe.aux_loss.item(), rel=1e-5) for r in ranks)
+    per_rank = cfg["num_experts"] // world_size
+    for name_, param in moe.experts.named_parameters():
+        stacked = torch.cat([r["expert_grads"][name_] for r in ranks])          # rank r holds its E/W experts
+        assert torch.allclose(stacked, param.grad, atol=1e-5), name_
+    for name_, param in moe.named_parameters():
+        if not name_.startswith("experts."):                                   # replicated: gradients add up
+            total = sum(r["replicated_grads"][name_] for r in ranks)
+            assert torch.allclose(total, param.grad, atol=1e-5), name_
+    full_experts = sum(p.numel() for p in moe.experts.parameters())
+    assert all(r["expert_params"] == full_experts // world_size for r in ranks)    # only its share
+    assert sum(sum(r["exchange"]["sent_rows"]) for r in ranks) == world_size * SEQS_PER_RANK * T * cfg["num_experts_per_tok"]
+    assert per_rank * world_size == cfg["num_experts"]
+
+
+def build_only(rank, world_size, cfg):
+    ExpertParallelMoE(make_moe(cfg))
+
+
+def test_bad_input_is_rejected():
+    with pytest.raises(RuntimeError, match="num_experts \\(6\\) must be divisible by the world size \\(4\\)"):
+        launch(build_only, 4, {**BASE, "num_experts": 6})
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ExpertParallelMoE(make_moe(BASE))                                      # no process group here
+    with pytest.raises(ValueError, match="world_size"):
+        launch(build_only, 0, BASE)

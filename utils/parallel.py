@@ -1,0 +1,238 @@
+"""Expert parallelism on torch.distributed: the experts of an MoE layer spread over processes, and
+the tokens travel to them and back with all-to-all.
+
+When an MoE outgrows one device, each of W processes ("ranks", one per device) keeps E/W of every
+MoE layer's experts; everything else (attention, router, shared expert, latent projections) is
+replicated, and every rank works on its own share of the batch (data parallelism). In each MoE
+layer a rank routes its tokens, sends each token vector to the rank that owns the chosen expert
+(an all-to-all: every rank sends a different amount to every other), runs its local experts on
+what it received, and sends the results back (a second all-to-all), where they are combined with
+the gates.
+
+`launch(fn, world_size, ...)` runs fn in world_size local processes (gloo on CPU, nccl when every
+rank has a GPU) and returns their results; `ExpertParallelMoE` wraps an MoEFeedForward or LatentMoE.
+
+Shapes: W = world size, E = experts, E_r = E / W experts per rank, N = local tokens, k = top-k,
+A = N * k assignments, d = the experts' dimension (emb_dim, or latent_dim in a LatentMoE).
+"""
+import io
+import queue
+import socket
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+from .moe import Experts, LatentMoE, MoEFeedForward, dispatch_sorted, router_z_loss
+
+
+class AllToAll(torch.autograd.Function):
+    """All-to-all of rows with autograd: rank r sends rows x[sum(send[:w]) : sum(send[:w+1])] to rank w,
+    and receives recv[w] rows from each rank w, in rank order.
+
+    The backward is the same exchange in reverse: the gradient of each received row goes back to
+    the rank and position it came from.
+    """
+
+    @staticmethod
+    def forward(ctx, x, send_counts, recv_counts, group):
+        ctx.send_counts, ctx.recv_counts, ctx.group = send_counts, recv_counts, group
+        out = x.new_empty(sum(recv_counts), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x = grad.new_empty(sum(ctx.send_counts), *grad.shape[1:])
+        dist.all_to_all_single(grad_x, grad.contiguous(), ctx.send_counts, ctx.recv_counts, group=ctx.group)
+        return grad_x, None, None, None
+
+
+class AllReduceSum(torch.autograd.Function):
+    """Sum of a tensor over all ranks, with autograd: the gradient is the sum of every rank's gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def _local_experts(experts, start, count):
+    """An Experts module holding experts start .. start+count-1 of `experts` (copies of their weights)."""
+    local = Experts(count, experts.w_in.shape[2], experts.w_in.shape[1], experts.expert_type)
+    with torch.no_grad():
+        for name, param in local.named_parameters():
+            param.copy_(getattr(experts, name)[start:start + count])
+    return local.to(experts.w_in.device, experts.w_in.dtype)
+
+
+class ExpertParallelMoE(nn.Module):
+    """An MoEFeedForward or LatentMoE whose routed experts are split evenly over the ranks of a process
+    group (the default group when None): rank r keeps experts r*E/W .. (r+1)*E/W - 1 only.
+
+    forward(x): (B, T, D) -> (B, T, D), the layer's own signature. Each rank passes its own tokens;
+    the outputs, and the gradients of inputs and expert weights, equal those of the single-process
+    layer run on all ranks' tokens together. The router, shared expert and latent projections are
+    replicated (their gradients must be summed over ranks, as data parallelism does). The
+    load-balancing and z losses are computed over all ranks' tokens, as the single-process layer
+    would; `aux_loss` holds that global value on every rank.
+
+    After each forward pass, `last_exchange` holds what this rank sent: the rows it sent to each
+    rank, the rows it received from each, and the bytes of token vectors it sent and received in
+    the dispatch and the combine.
+    """
+
+    def __init__(self, moe, group=None):
+        super().__init__()
+        if not isinstance(moe, MoEFeedForward):
+            raise ValueError(f"moe must be an MoEFeedForward or LatentMoE, got {type(moe).__name__}")
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("no process group: call torch.distributed.init_process_group first, "
+                               "or run the code through utils.parallel.launch (or torchrun)")
+        if moe.capacity_factor is not None:
+            raise ValueError(f"capacity_factor must be None (dropless) for ExpertParallelMoE, got {moe.capacity_factor}")
+        if moe.seq_aux_loss_coef > 0:
+            raise ValueError("seq_aux_loss_coef must be 0: the sequence-wise loss is not implemented across ranks")
+        self.group = group
+        self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        E = moe.num_experts
+        if E % self.world_size:
+            raise ValueError(f"num_experts ({E}) must be divisible by the world size ({self.world_size}): "
+                             f"every rank holds the same number of experts")
+        self.experts_per_rank = E // self.world_size
+        self.first_expert = self.rank * self.experts_per_rank
+        self.local_experts = _local_experts(moe.experts, self.first_expert, self.experts_per_rank)
+        self.moe = moe
+        del moe.experts                          # only the local share stays in this process
+        self.aux_loss = None
+        self.last_exchange = None
+
+    def forward(self, x):
+        moe, W, E_r = self.moe, self.world_size, self.experts_per_rank
+        B, T, D = x.shape
+        flat = x.reshape(-1, D)                                               # (N, D)
+        logits, scores, probs, topk_idx, topk_weight = moe.router(flat)
+        N, k = topk_idx.shape
+        expert_idx = topk_idx.reshape(-1)                                     # (A,)
+        order = torch.argsort(expert_idx, stable=True)                        # by expert, hence by rank
+        token_idx = torch.arange(N, device=x.device).repeat_interleave(k)[order]
+        sorted_experts = expert_idx[order]
+        # How many rows go to each rank, and to each expert there: (W, E_r).
+        send_matrix = torch.bincount(sorted_experts, minlength=W * E_r).view(W, E_r)
+        recv_matrix = torch.empty_like(send_matrix)
+        dist.all_to_all_single(recv_matrix, send_matrix, group=self.group)   # row w: what rank w sends us
+        send_counts, recv_counts = send_matrix.sum(1).tolist(), recv_matrix.sum(1).tolist()
+
+        vectors = moe.to_experts(flat).index_select(0, token_idx)             # (A, d) grouped by destination
+        received = AllToAll.apply(vectors, send_counts, recv_counts, self.group)   # (R, d)
+        # Received rows come by source rank, and within each by expert: label them with local experts.
+        local_ids = torch.arange(E_r, device=x.device).repeat(W)               # (W * E_r,)
+        row_expert = local_ids.repeat_interleave(recv_matrix.reshape(-1))      # (R,)
+        rows = torch.arange(len(row_expert), device=x.device)
+        results = dispatch_sorted(received, rows, row_expert, torch.ones_like(row_expert, dtype=received.dtype),
+                                  self.local_experts)                           # (R, d), same row order
+        returned = AllToAll.apply(results, recv_counts, send_counts, self.group)   # (A, d), order of `vectors`
+
+        gates = topk_weight.reshape(-1)[order]
+        out = flat.new_zeros(N, returned.shape[1]).index_add_(0, token_idx, returned * gates[:, None].to(returned.dtype))
+        out = moe.from_experts(out)
+        if moe.shared_expert is not None:
+            shared = moe.shared_expert.dense(flat)
+            if moe.shared_expert_gate is not None:
+                shared = torch.sigmoid(moe.shared_expert_gate(flat)) * shared
+            out = out + shared
+        self.aux_loss = self._global_losses(logits, probs, topk_idx)
+        width = vectors.shape[1] * vectors.element_size()
+        self.last_exchange = {"sent_rows": send_counts, "received_rows": recv_counts,
+                              "bytes_sent": 2 * sum(c for w, c in enumerate(send_counts) if w != self.rank) * width,
+                              "bytes_received": 2 * sum(c for w, c in enumerate(recv_counts) if w != self.rank) * width}
+        return out.reshape(B, T, D)
+
+    def _global_losses(self, logits, probs, topk_idx):
+        """The layer's balancing and z losses over all ranks' tokens (the single-process formulas)."""
+        moe = self.moe
+        E = moe.num_experts
+        N, k = topk_idx.shape
+        counts = torch.bincount(topk_idx.reshape(-1), minlength=E).float()
+        stats = torch.cat([counts, torch.tensor([float(N)], device=counts.device)])
+        dist.all_reduce(stats, group=self.group)
+        counts, total = stats[:E], stats[E]
+        prob_sum = AllReduceSum.apply(probs.sum(0), self.group)               # (E,), differentiable
+        loss = moe.aux_loss_coef * E * torch.sum(counts / (total * k) * prob_sum / total)
+        if moe.z_loss_coef > 0:
+            z_sum = AllReduceSum.apply(router_z_loss(logits) * N, self.group)
+            loss = loss + moe.z_loss_coef * z_sum / total
+        return loss
+
+
+def free_port():
+    """A TCP port on localhost that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, backend, fn, args, results):
+    torch.set_num_threads(1)
+    try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+        buffer = io.BytesIO()                    # sent as bytes: tensors then outlive this process
+        torch.save(fn(rank, world_size, *args), buffer)
+        results.put((rank, buffer.getvalue(), None))
+    except Exception:
+        results.put((rank, None, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launch(fn, world_size, *args, backend=None, timeout=120):
+    """Run fn(rank, world_size, *args) in world_size new local processes that form a process group,
+    and return the list of their results, in rank order.
+
+    fn must be importable (defined in a module, not in a notebook cell), and its arguments and
+    result picklable. backend: "gloo" (CPU) by default, "nccl" when a GPU per rank is available.
+    Each process uses one CPU thread. An exception in any rank is raised here with its traceback;
+    a rank that gives no result within `timeout` seconds raises a RuntimeError.
+    """
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo"
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(rank, world_size, port, backend, fn, args, results))
+             for rank in range(world_size)]
+    for p in procs:
+        p.start()
+    outputs = {}
+    try:
+        for _ in range(world_size):
+            try:
+                rank, value, error = results.get(timeout=timeout)
+            except queue.Empty:
+                raise RuntimeError(f"no result from {world_size - len(outputs)} rank(s) within {timeout} s") from None
+            if error is not None:
+                raise RuntimeError(f"rank {rank} failed:\n{error}")
+            outputs[rank] = torch.load(io.BytesIO(value), weights_only=False)
+    finally:
+        for p in procs:
+            p.join(timeout if len(outputs) == world_size else 0)
+            if p.is_alive():
+                p.terminate()
+    return [outputs[rank] for rank in range(world_size)]
