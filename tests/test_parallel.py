@@ -13,6 +13,8 @@ CONFIGS = {"plain": BASE,
                                          "expert_type": "swiglu", "z_loss_coef": 0.001},
            "latent": {**BASE, "latent_dim": 8, "expert_type": "relu2"}}
 SEQS_PER_RANK, T = 2, 5
+CFG = {"vocab_size": 40, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 2, "drop_rate": 0.0,
+       **{k: v for k, v in BASE.items() if k != "emb_dim"}}            # a small GPT with MoE layers, to train
 
 
 def layer_and_batch(cfg, world_size, seed=0):
@@ -23,8 +25,17 @@ def layer_and_batch(cfg, world_size, seed=0):
 
 
 def expert_parallel_steps(rank, world_size):
-    """expert_parallel_step for every config (one launch: starting processes is the slow part)."""
-    return {name: expert_parallel_step(rank, world_size, cfg) for name, cfg in CONFIGS.items()}
+    """expert_parallel_step for every config, and a few training steps of a small GPT (one launch:
+    starting the processes is the slow part)."""
+    from utils.parallel import train_expert_parallel
+    results = {name: expert_parallel_step(rank, world_size, cfg) for name, cfg in CONFIGS.items()}
+    results["training"] = train_expert_parallel(rank, world_size, CFG, training_batches(), 1e-2, 3)
+    return results
+
+
+def training_batches():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randint(0, 40, (4, 8), generator=g), torch.randint(0, 40, (4, 8), generator=g)) for _ in range(4)]
 
 
 def expert_parallel_step(rank, world_size, cfg):
@@ -46,7 +57,7 @@ def expert_parallel_step(rank, world_size, cfg):
 def runs(request):
     world_size = request.param
     per_rank = launch(expert_parallel_steps, world_size)
-    return world_size, {name: [r[name] for r in per_rank] for name in CONFIGS}
+    return world_size, {name: [r[name] for r in per_rank] for name in [*CONFIGS, "training"]}
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -85,3 +96,24 @@ def test_bad_input_is_rejected():
         ExpertParallelMoE(make_moe(BASE))                                      # no process group here
     with pytest.raises(ValueError, match="world_size"):
         launch(build_only, 0, BASE)
+
+
+def test_expert_and_data_parallel_training_equals_one_process(runs):
+    from utils.moe import MoEGPTModel
+    from utils.parallel import train_steps
+
+    torch.manual_seed(3)
+    single = train_steps(MoEGPTModel(CFG), training_batches(), lr=1e-2)
+    ranks = runs[1]["training"]
+    assert all(r == ranks[0] for r in ranks)                                    # every rank reports the global loss
+    assert ranks[0] == pytest.approx(single, abs=1e-5)
+    assert single[-1] < single[0]
+
+
+def test_rank_loads_and_destinations():
+    from utils.parallel import destination_ranks, rank_loads
+
+    topk = torch.tensor([[0, 1], [0, 7], [5, 4], [2, 6]])                      # 8 experts over 4 ranks: pairs
+    assert rank_loads(topk, 8, 4).tolist() == [3, 1, 2, 2]
+    assert destination_ranks(topk, 8, 4).tolist() == [1, 2, 1, 2]
+    assert destination_ranks(topk, 8, 1).tolist() == [1, 1, 1, 1]

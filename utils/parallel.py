@@ -25,7 +25,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from .moe import Experts, LatentMoE, MoEFeedForward, dispatch_sorted, router_z_loss
+from .moe import Experts, MoEFeedForward, MoEGPTModel, dispatch_sorted, make_moe, router_z_loss
+from .train import aux_loss, lm_loss
 
 
 class AllToAll(torch.autograd.Function):
@@ -173,6 +174,87 @@ class ExpertParallelMoE(nn.Module):
             z_sum = AllReduceSum.apply(router_z_loss(logits) * N, self.group)
             loss = loss + moe.z_loss_coef * z_sum / total
         return loss
+
+
+def expert_parallel(model, group=None):
+    """Replace every MoE layer of a course model, in place, by its ExpertParallelMoE; return the model."""
+    for block in model.trf_blocks:
+        if isinstance(block.ff, MoEFeedForward):
+            block.ff = ExpertParallelMoE(block.ff, group)
+    return model
+
+
+def rank_loads(topk_idx, num_experts, world_size):
+    """Assignments each rank receives when experts are split evenly and in order over world_size
+    ranks: topk_idx (N, k) -> (world_size,) counts."""
+    per_rank = num_experts // world_size
+    return torch.bincount(topk_idx.reshape(-1) // per_rank, minlength=world_size)
+
+
+def destination_ranks(topk_idx, num_experts, world_size):
+    """How many distinct ranks each token's experts live on: topk_idx (N, k) -> (N,). A token must be
+    sent to each of them once, at least; the plain all-to-all sends it once per chosen expert."""
+    ranks = topk_idx // (num_experts // world_size)                     # (N, k)
+    return torch.nn.functional.one_hot(ranks, world_size).amax(1).sum(-1)
+
+
+def _sync_gradients(model, world_size, group=None):
+    """Data + expert parallelism: each rank's loss is the mean over its share of the tokens. A
+    replicated weight's gradient is averaged over ranks; a local expert's gradient already sums the
+    contributions of every rank's tokens (the all-to-all brought them back), so it is divided by W."""
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        if ".local_experts." not in f".{name}":
+            dist.all_reduce(param.grad, group=group)
+        param.grad /= world_size
+
+
+def train_steps(model, batches, lr=1e-3, world_size=1, group=None):
+    """Plain AdamW steps (constant lr, no clipping) on batches, a list of (inputs, targets) token
+    id pairs (B, T); returns each step's loss (language model + auxiliary). Inside a process group
+    (world_size > 1) each rank passes its share of every batch, and the losses returned are the
+    global ones: the mean over ranks, which equals the loss of the whole batch."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for inputs, targets in batches:
+        loss = lm_loss(model(inputs), targets) + aux_loss(model)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        loss = loss.detach()
+        if world_size > 1:
+            _sync_gradients(model, world_size, group)
+            dist.all_reduce(loss, group=group)
+            loss /= world_size
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def train_expert_parallel(rank, world_size, cfg, batches, lr, seed):
+    """For launch: build MoEGPTModel(cfg) from `seed` on every rank, make it expert-parallel, and
+    train it with train_steps on this rank's share (a contiguous slice of sequences) of each batch."""
+    torch.manual_seed(seed)
+    model = expert_parallel(MoEGPTModel(cfg))
+    share = batches[0][0].shape[0] // world_size
+    mine = [(x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]) for x, y in batches]
+    return train_steps(model, mine, lr, world_size)
+
+
+@torch.no_grad()
+def measure_exchange(rank, world_size, configs, tokens_per_rank, seed=0):
+    """For launch: for each {name: MoE layer config}, one forward pass of an ExpertParallelMoE built
+    from `seed` on random tokens (tokens_per_rank on each rank); returns {name: its last_exchange,
+    plus "width": values per token vector sent and "value_bytes": bytes per value}."""
+    report = {}
+    for name, cfg in configs.items():
+        torch.manual_seed(seed)
+        layer = ExpertParallelMoE(make_moe(cfg))
+        x = torch.randn(world_size, tokens_per_rank, cfg["emb_dim"])[rank:rank + 1]
+        layer(x)
+        width = cfg.get("latent_dim") or cfg["emb_dim"]
+        report[name] = {**layer.last_exchange, "width": width, "value_bytes": x.element_size()}
+    return report
 
 
 def free_port():
