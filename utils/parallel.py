@@ -70,7 +70,8 @@ class AllReduceSum(torch.autograd.Function):
 
 def _local_experts(experts, start, count):
     """An Experts module holding experts start .. start+count-1 of `experts` (copies of their weights)."""
-    local = Experts(count, experts.w_in.shape[2], experts.w_in.shape[1], experts.expert_type)
+    with torch.random.fork_rng(devices=[]):      # building it must not move the caller's random stream
+        local = Experts(count, experts.w_in.shape[2], experts.w_in.shape[1], experts.expert_type)
     with torch.no_grad():
         for name, param in local.named_parameters():
             param.copy_(getattr(experts, name)[start:start + count])
