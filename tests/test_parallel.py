@@ -117,3 +117,16 @@ def test_rank_loads_and_destinations():
     assert rank_loads(topk, 8, 4).tolist() == [3, 1, 2, 2]
     assert destination_ranks(topk, 8, 4).tolist() == [1, 2, 1, 2]
     assert destination_ranks(topk, 8, 1).tolist() == [1, 1, 1, 1]
+
+
+def test_torchrun_works_too():
+    """The same layer under PyTorch's own launcher (torchrun), as a learner would run it by hand."""
+    import subprocess
+    import sys
+
+    from utils.course import ROOT
+
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "utils.parallel"], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "expert-parallel output equals the single-process layer" in run.stdout

@@ -11,6 +11,8 @@ the gates.
 
 `launch(fn, world_size, ...)` runs fn in world_size local processes (gloo on CPU, nccl when every
 rank has a GPU) and returns their results; `ExpertParallelMoE` wraps an MoEFeedForward or LatentMoE.
+PyTorch's own launcher works too: `torchrun --standalone --nproc_per_node=2 -m utils.parallel` runs a
+check of the layer against the single-process one.
 
 Shapes: W = world size, E = experts, E_r = E / W experts per rank, N = local tokens, k = top-k,
 A = N * k assignments, d = the experts' dimension (emb_dim, or latent_dim in a LatentMoE).
@@ -319,3 +321,29 @@ def launch(fn, world_size, *args, backend=None, timeout=120):
             if p.is_alive():
                 p.terminate()
     return [outputs[rank] for rank in range(world_size)]
+
+
+def _check_under_torchrun():
+    """Run by `torchrun --standalone --nproc_per_node=W -m utils.parallel`: every rank builds the same
+    layer and batch, runs its share through ExpertParallelMoE, and rank 0 compares the gathered
+    outputs with the single-process layer's."""
+    dist.init_process_group("gloo")                       # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR/PORT
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    cfg = {"emb_dim": 16, "num_experts": 4 * world_size, "num_experts_per_tok": 2, "moe_hidden_dim": 8}
+    torch.manual_seed(0)
+    moe = make_moe(cfg)
+    x = torch.randn(world_size, 6, cfg["emb_dim"])
+    with torch.no_grad():
+        reference = moe(x)
+        mine = ExpertParallelMoE(moe)(x[rank:rank + 1])
+    gathered = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(gathered, mine)
+    if rank == 0:
+        error = (torch.cat(gathered) - reference).abs().max().item()
+        print(f"torchrun, {world_size} processes: expert-parallel output equals the single-process layer "
+              f"(max difference {error:.1e})" if error < 1e-5 else f"MISMATCH: max difference {error:.1e}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _check_under_torchrun()
