@@ -122,7 +122,7 @@ def test_attention_rejects_sequences_longer_than_its_context():
     ({"vocab_size": -5}, "vocab_size"),
     ({"emb_dim": 32.0}, "emb_dim"),
     ({"drop_rate": 1.0}, "drop_rate"),
-    ({"emb_dims": 32}, "unknown config key"),
+    ({"emb_dims": 32}, "unknown config key.*did you mean 'emb_dim'"),
     ({"ffn_hidden_dim": 0}, "ffn_hidden_dim"),
 ])
 def test_bad_configs_raise(bad, message):

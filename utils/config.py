@@ -43,6 +43,7 @@ MoE config keys (in the same dict as the GPT's keys; see MOE_OPTIONAL_KEYS for t
     moe_every_n_layers   in GPTModel, layer i (0-based) is an MoE layer when (i + 1) % n == 0;
                          at most n_layers
 """
+import difflib
 import math
 
 # The keys a GPT config may have: required ones, then optional ones with their defaults.
@@ -61,7 +62,9 @@ def check_config(cfg, required, optional):
     allowed = set(required) | set(optional)
     unknown = sorted(set(cfg) - allowed)
     if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}; allowed keys: {sorted(allowed)}")
+        close = {key: difflib.get_close_matches(key, allowed, n=1) for key in unknown}
+        hints = "".join(f" (did you mean {match[0]!r} for {key!r}?)" for key, match in close.items() if match)
+        raise ValueError(f"unknown config key(s) {unknown}{hints}; allowed keys: {sorted(allowed)}")
     missing = [k for k in required if k not in cfg]
     if missing:
         raise ValueError(f"config is missing required key(s) {missing}")
