@@ -47,10 +47,11 @@ def expert_parallel_step(rank, world_size, cfg):
     # The summed loss over ranks is the single-process loss: the aux loss is global, so each rank takes 1/W.
     (y.pow(2).sum() + layer.aux_loss / world_size).backward()
     expert_grads = {name: p.grad for name, p in layer.local_experts.named_parameters()}
+    routed = layer.moe.last_routing["topk_idx"]                                 # this rank's tokens' choices
     replicated = {name: p.grad for name, p in layer.moe.named_parameters()}
     return {"y": y.detach(), "x_grad": x.grad, "expert_grads": expert_grads, "replicated_grads": replicated,
             "aux_loss": layer.aux_loss.item(), "expert_params": sum(p.numel() for p in layer.local_experts.parameters()),
-            "exchange": layer.last_exchange}
+            "exchange": layer.last_exchange, "routed": routed}
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"W={w}")
@@ -79,23 +80,47 @@ def test_expert_parallel_equals_the_single_process_layer(runs, name):
         if not name_.startswith("experts."):                                   # replicated: gradients add up
             total = sum(r["replicated_grads"][name_] for r in ranks)
             assert torch.allclose(total, param.grad, atol=1e-5), name_
+    assert torch.equal(torch.cat([r["routed"] for r in ranks]), moe.last_routing["topk_idx"])
+    # Bytes that leave rank r: its rows to other ranks (dispatch) and the results it returns to them
+    # (combine), i.e. row r and column r of the global send matrix, without the diagonal.
+    sends = torch.tensor([r["exchange"]["sent_rows"] for r in ranks])
+    off = sends - torch.diag(sends.diag())
+    vector_bytes = (cfg.get("latent_dim") or cfg["emb_dim"]) * 4
+    assert [r["exchange"]["bytes_sent"] for r in ranks] == ((off.sum(1) + off.sum(0)) * vector_bytes).tolist()
+    assert [r["exchange"]["received_rows"] for r in ranks] == sends.T.tolist()
     full_experts = sum(p.numel() for p in moe.experts.parameters())
     assert all(r["expert_params"] == full_experts // world_size for r in ranks)    # only its share
     assert sum(sum(r["exchange"]["sent_rows"]) for r in ranks) == world_size * SEQS_PER_RANK * T * cfg["num_experts_per_tok"]
     assert per_rank * world_size == cfg["num_experts"]
 
 
-def build_only(rank, world_size, cfg):
-    ExpertParallelMoE(make_moe(cfg))
+BAD = {"6 experts": {**BASE, "num_experts": 6}, "bias updates": {**BASE, "bias_update_rate": 0.01},
+       "capacity": {**BASE, "capacity_factor": 1.0}, "sequence loss": {**BASE, "seq_aux_loss_coef": 0.01}}
+
+
+def build_errors(rank, world_size):
+    """The error each BAD config raises when wrapped in a group of world_size ranks."""
+    errors = {}
+    for name, cfg in BAD.items():
+        try:
+            ExpertParallelMoE(make_moe(cfg))
+        except ValueError as err:
+            errors[name] = str(err)
+    return errors
 
 
 def test_bad_input_is_rejected():
-    with pytest.raises(RuntimeError, match="num_experts \\(6\\) must be divisible by the world size \\(4\\)"):
-        launch(build_only, 4, {**BASE, "num_experts": 6})
+    errors = launch(build_errors, 4)[0]
+    assert "num_experts (6) must be divisible by the world size (4)" in errors["6 experts"]
+    assert "bias_update_rate must be 0" in errors["bias updates"]
+    assert "capacity_factor must be None" in errors["capacity"]
+    assert "seq_aux_loss_coef must be 0" in errors["sequence loss"]
+    with pytest.raises(RuntimeError, match="rank 0 failed"):
+        launch(build_errors, 2, "unexpected argument")
     with pytest.raises(RuntimeError, match="init_process_group"):
         ExpertParallelMoE(make_moe(BASE))                                      # no process group here
     with pytest.raises(ValueError, match="world_size"):
-        launch(build_only, 0, BASE)
+        launch(build_errors, 0)
 
 
 def test_expert_and_data_parallel_training_equals_one_process(runs):

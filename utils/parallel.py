@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from .moe import Experts, MoEFeedForward, MoEGPTModel, dispatch_sorted, make_moe, router_z_loss
+from .moe import Experts, MoEFeedForward, MoEGPTModel, combine_dtype, dispatch_sorted, make_moe, router_z_loss
 from .train import aux_loss, lm_loss
 
 
@@ -91,9 +91,13 @@ class ExpertParallelMoE(nn.Module):
     load-balancing and z losses are computed over all ranks' tokens, as the single-process layer
     would; `aux_loss` holds that global value on every rank.
 
-    After each forward pass, `last_exchange` holds what this rank sent: the rows it sent to each
-    rank, the rows it received from each, and the bytes of token vectors it sent and received in
-    the dispatch and the combine.
+    The wrapped layer keeps its router, shared expert and projections; its `experts` are deleted
+    (this rank's share is copied into `local_experts`). After each forward pass the wrapped layer's
+    `last_routing` describes this rank's tokens, and `last_exchange` holds what this rank
+    exchanged: the rows it sent to each rank and received from each in the dispatch (the combine
+    sends them back the other way), and the bytes of token vectors that left this rank in both
+    exchanges together (rows to other ranks in the dispatch, plus results returned to other ranks
+    in the combine; as many bytes arrive).
     """
 
     def __init__(self, moe, group=None):
@@ -107,6 +111,9 @@ class ExpertParallelMoE(nn.Module):
             raise ValueError(f"capacity_factor must be None (dropless) for ExpertParallelMoE, got {moe.capacity_factor}")
         if moe.seq_aux_loss_coef > 0:
             raise ValueError("seq_aux_loss_coef must be 0: the sequence-wise loss is not implemented across ranks")
+        if moe.bias_update_rate > 0:
+            raise ValueError("bias_update_rate must be 0: the bias updates would need the global expert loads, "
+                             "and each rank's copy of the router would drift apart")
         self.group = group
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         E = moe.num_experts
@@ -118,6 +125,7 @@ class ExpertParallelMoE(nn.Module):
         self.local_experts = _local_experts(moe.experts, self.first_expert, self.experts_per_rank)
         self.moe = moe
         del moe.experts                          # only the local share stays in this process
+        moe.aux_loss = None                      # the losses of this layer are self.aux_loss from now on
         self.aux_loss = None
         self.last_exchange = None
 
@@ -148,18 +156,20 @@ class ExpertParallelMoE(nn.Module):
         returned = AllToAll.apply(results, recv_counts, send_counts, self.group)   # (A, d), order of `vectors`
 
         gates = topk_weight.reshape(-1)[order]
-        out = flat.new_zeros(N, returned.shape[1]).index_add_(0, token_idx, returned * gates[:, None].to(returned.dtype))
-        out = moe.from_experts(out)
+        dtype = combine_dtype(returned)                                       # as dispatch_sorted sums
+        out = flat.new_zeros(N, returned.shape[1], dtype=dtype).index_add_(0, token_idx, returned.to(dtype) * gates[:, None].to(dtype))
+        out = moe.from_experts(out.to(returned.dtype))
         if moe.shared_expert is not None:
             shared = moe.shared_expert.dense(flat)
             if moe.shared_expert_gate is not None:
                 shared = torch.sigmoid(moe.shared_expert_gate(flat)) * shared
             out = out + shared
         self.aux_loss = self._global_losses(logits, probs, topk_idx)
+        moe._routing = (probs.detach(), topk_idx.detach(), None)             # for moe.last_routing
         width = vectors.shape[1] * vectors.element_size()
-        self.last_exchange = {"sent_rows": send_counts, "received_rows": recv_counts,
-                              "bytes_sent": 2 * sum(c for w, c in enumerate(send_counts) if w != self.rank) * width,
-                              "bytes_received": 2 * sum(c for w, c in enumerate(recv_counts) if w != self.rank) * width}
+        off_rank = sum(c for w, c in enumerate(send_counts) if w != self.rank) + \
+            sum(c for w, c in enumerate(recv_counts) if w != self.rank)
+        self.last_exchange = {"sent_rows": send_counts, "received_rows": recv_counts, "bytes_sent": off_rank * width}
         return out.reshape(B, T, D)
 
     def _global_losses(self, logits, probs, topk_idx):
@@ -237,10 +247,14 @@ def train_steps(model, batches, lr=1e-3, world_size=1, group=None):
 def train_expert_parallel(rank, world_size, cfg, batches, lr, seed):
     """For launch: build MoEGPTModel(cfg) from `seed` on every rank, make it expert-parallel, and
     train it with train_steps on this rank's share (a contiguous slice of sequences) of each batch."""
+    if batches[0][0].shape[0] % world_size:
+        raise ValueError(f"the batch size ({batches[0][0].shape[0]}) must be divisible by the world size ({world_size})")
+    device = _rank_device()
     torch.manual_seed(seed)
-    model = expert_parallel(MoEGPTModel(cfg))
+    model = expert_parallel(MoEGPTModel(cfg).to(device))
     share = batches[0][0].shape[0] // world_size
-    mine = [(x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]) for x, y in batches]
+    mine = [(x[rank * share:(rank + 1) * share].to(device), y[rank * share:(rank + 1) * share].to(device))
+            for x, y in batches]
     return train_steps(model, mine, lr, world_size)
 
 
@@ -252,12 +266,19 @@ def measure_exchange(rank, world_size, configs, tokens_per_rank, seed=0):
     report = {}
     for name, cfg in configs.items():
         torch.manual_seed(seed)
-        layer = ExpertParallelMoE(make_moe(cfg))
-        x = torch.randn(world_size, tokens_per_rank, cfg["emb_dim"])[rank:rank + 1]
+        layer = ExpertParallelMoE(make_moe(cfg).to(_rank_device()))
+        x = torch.randn(world_size, tokens_per_rank, cfg["emb_dim"])[rank:rank + 1].to(_rank_device())
         layer(x)
         width = cfg.get("latent_dim") or cfg["emb_dim"]
         report[name] = {**layer.last_exchange, "width": width, "value_bytes": x.element_size()}
     return report
+
+
+def _rank_device():
+    """This rank's device: its GPU under the nccl backend, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def free_port():

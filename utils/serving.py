@@ -84,13 +84,15 @@ def experts_touched_per_step(model, token_ids, prompt_len):
         raise ValueError(f"token_ids has {T} tokens per sequence, more than context_length {model.cfg['context_length']}")
     was_training = model.training
     model.eval()
-    cache = KVCache(model.cfg, B, token_ids.device, next(model.parameters()).dtype)
-    model(token_ids[:, :prompt_len], cache=cache)                        # prefill
-    touched = []
-    for t in range(prompt_len, T):
-        model(token_ids[:, t:t + 1], cache=cache)                         # one decode step
-        touched.append([layer.last_routing["topk_idx"].unique().numel() for layer in layers])
-    model.train(was_training)
+    try:
+        cache = KVCache(model.cfg, B, token_ids.device, next(model.parameters()).dtype)
+        model(token_ids[:, :prompt_len], cache=cache)                    # prefill
+        touched = []
+        for t in range(prompt_len, T):
+            model(token_ids[:, t:t + 1], cache=cache)                     # one decode step
+            touched.append([layer.last_routing["topk_idx"].unique().numel() for layer in layers])
+    finally:
+        model.train(was_training)
     return torch.tensor(touched)
 
 
@@ -137,6 +139,6 @@ def decode_step_weight_bytes(config, batch_size, fmt="bfloat16", experts_touched
         other["lm_head"] = counts["embedding"]
     experts = counts.get("routed_experts", 0) * (experts_touched / E if n_moe else 0)
     result = {"experts": experts * _bits(fmt, "routed_experts") / 8,
-              "other": sum(n * _bits(fmt, "lm_head" if c == "lm_head" else c) / 8 for c, n in other.items())}
+              "other": sum(n * _bits(fmt, c) / 8 for c, n in other.items())}
     result["total"] = result["experts"] + result["other"]
     return result
