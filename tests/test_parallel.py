@@ -30,6 +30,7 @@ def expert_parallel_steps(rank, world_size):
     from utils.parallel import train_expert_parallel
     results = {name: expert_parallel_step(rank, world_size, cfg) for name, cfg in CONFIGS.items()}
     results["training"] = train_expert_parallel(rank, world_size, CFG, training_batches(), 1e-2, 3)
+    results["errors"] = build_errors(rank, world_size)
     return results
 
 
@@ -58,7 +59,7 @@ def expert_parallel_step(rank, world_size, cfg):
 def runs(request):
     world_size = request.param
     per_rank = launch(expert_parallel_steps, world_size)
-    return world_size, {name: [r[name] for r in per_rank] for name in [*CONFIGS, "training"]}
+    return world_size, {name: [r[name] for r in per_rank] for name in [*CONFIGS, "training", "errors"]}
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -109,14 +110,21 @@ def build_errors(rank, world_size):
     return errors
 
 
-def test_bad_input_is_rejected():
-    errors = launch(build_errors, 4)[0]
-    assert "num_experts (6) must be divisible by the world size (4)" in errors["6 experts"]
-    assert "bias_update_rate must be 0" in errors["bias updates"]
-    assert "capacity_factor must be None" in errors["capacity"]
-    assert "seq_aux_loss_coef must be 0" in errors["sequence loss"]
-    with pytest.raises(RuntimeError, match="rank 0 failed"):
-        launch(build_errors, 2, "unexpected argument")
+def test_bad_input_is_rejected(runs):
+    world_size, results = runs
+    for errors in results["errors"]:
+        if world_size == 4:
+            assert "num_experts (6) must be divisible by the world size (4)" in errors["6 experts"]
+        else:
+            assert "6 experts" not in errors                                   # 6 experts over 2 ranks: fine
+        assert "bias_update_rate must be 0" in errors["bias updates"]
+        assert "capacity_factor must be None" in errors["capacity"]
+        assert "seq_aux_loss_coef must be 0" in errors["sequence loss"]
+
+
+def test_launch_reports_a_failing_rank_and_checks_its_arguments():
+    with pytest.raises(RuntimeError, match="(?s)rank 0 failed.*TypeError"):
+        launch(build_errors, 1, "unexpected argument")
     with pytest.raises(RuntimeError, match="init_process_group"):
         ExpertParallelMoE(make_moe(BASE))                                      # no process group here
     with pytest.raises(ValueError, match="world_size"):
