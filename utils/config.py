@@ -200,3 +200,78 @@ def validate_model_config(cfg):
     if cfg["num_experts"] > 0:
         cfg = validate_moe_config(cfg)
     return cfg
+
+
+# The modern decoder of utils/modern.py (notebook 11): the GPT's required keys, the MoE keys
+# above, and these. None for n_kv_heads, head_dim and rotary_dim means n_heads, emb_dim // n_heads
+# and head_dim.
+MODERN_OPTIONAL_KEYS = {
+    "n_kv_heads": None,            # key/value heads of grouped-query attention
+    "head_dim": None,              # per head; Qwen3 sets it apart from emb_dim / n_heads
+    "rope_theta": 10000.0,         # RoPE base; larger = slower rotations (Mixtral, Qwen3: 1e6)
+    "rotary_dim": None,            # partial rotary: only the first rotary_dim dims of a head turn
+    "qk_norm": None,               # None, "head" (Qwen3) or "full" (OLMoE): RMSNorm on q and k
+    "clip_qkv": None,              # OLMoE: clamp q, k, v to [-clip_qkv, clip_qkv]
+    "qkv_bias": False,             # biases on the q, k, v projections (Qwen2-MoE)
+    "out_proj_bias": False,        # bias on the attention output projection
+    "norm_eps": 1e-6,              # RMSNorm epsilon
+    "ffn_hidden_dim": None,        # width of the dense SwiGLU MLP in blocks without MoE
+    "dense_layers": (),            # block indices that keep a dense MLP (Qwen's mlp_only_layers)
+    "tie_embeddings": False,       # the output head reuses the token embedding matrix
+    "embedding_multiplier": 1.0,   # Granite's muP scales: embeddings *, residual branches *,
+    "residual_multiplier": 1.0,    # attention scores * (None: 1/sqrt(head_dim)), logits /
+    "attention_multiplier": None,
+    "logits_scaling": 1.0,
+}
+QK_NORMS = (None, "head", "full")
+
+
+def validate_modern_config(cfg):
+    """Check a config of utils.modern.ModernMoEModel and return it with defaults filled in.
+
+    Its keys are the GPT's required ones, MODERN_OPTIONAL_KEYS and the MoE keys (whose expert
+    type defaults to "swiglu" here, the choice of every model this decoder loads).
+    """
+    optional = {**MOE_OPTIONAL_KEYS, "expert_type": "swiglu", **MODERN_OPTIONAL_KEYS}
+    cfg = check_config(cfg, GPT_REQUIRED_KEYS, optional)
+    check_positive_int(cfg, *GPT_REQUIRED_KEYS)
+    H = cfg["n_heads"]
+    if cfg["n_kv_heads"] is None:
+        cfg["n_kv_heads"] = H
+    if cfg["head_dim"] is None:
+        if cfg["emb_dim"] % H:
+            raise ValueError(f"emb_dim ({cfg['emb_dim']}) must be divisible by n_heads ({H}), or set head_dim")
+        cfg["head_dim"] = cfg["emb_dim"] // H
+    check_positive_int(cfg, "n_kv_heads", "head_dim")
+    if H % cfg["n_kv_heads"]:
+        raise ValueError(f"n_heads ({H}) must be a multiple of n_kv_heads ({cfg['n_kv_heads']})")
+    if cfg["rotary_dim"] is None:
+        cfg["rotary_dim"] = cfg["head_dim"]
+    check_positive_int(cfg, "rotary_dim")
+    if cfg["rotary_dim"] % 2 or cfg["rotary_dim"] > cfg["head_dim"]:
+        raise ValueError(f"config['rotary_dim'] must be even and at most head_dim ({cfg['head_dim']}), "
+                         f"got {cfg['rotary_dim']}")
+    if cfg["qk_norm"] not in QK_NORMS:
+        raise ValueError(f"config['qk_norm'] must be one of {QK_NORMS}, got {cfg['qk_norm']!r}")
+    for key in ("rope_theta", "norm_eps", "embedding_multiplier", "residual_multiplier", "logits_scaling"):
+        _check_number(cfg, key, 0, strict=True)
+    for key in ("attention_multiplier", "clip_qkv"):
+        if cfg[key] is not None:
+            _check_number(cfg, key, 0, strict=True)
+    for key in ("qkv_bias", "out_proj_bias", "tie_embeddings"):
+        if not isinstance(cfg[key], bool):
+            raise ValueError(f"config[{key!r}] must be True or False, got {cfg[key]!r}")
+    layers = range(cfg["n_layers"])
+    if any(isinstance(i, bool) or i not in layers for i in cfg["dense_layers"]):
+        raise ValueError(f"config['dense_layers'] must list block indices in 0 .. {cfg['n_layers'] - 1}, "
+                         f"got {list(cfg['dense_layers'])}")
+    if cfg["ffn_hidden_dim"] is not None:
+        check_positive_int(cfg, "ffn_hidden_dim")
+    if cfg["num_experts"] > 0:
+        cfg = validate_moe_config(cfg)
+    needs_dense = any(not (cfg["num_experts"] > 0 and (i + 1) % cfg["moe_every_n_layers"] == 0
+                           and i not in cfg["dense_layers"]) for i in layers)
+    if needs_dense and cfg["ffn_hidden_dim"] is None:
+        raise ValueError("config['ffn_hidden_dim'] is needed: some blocks have a dense MLP "
+                         "(num_experts 0, moe_every_n_layers or dense_layers)")
+    return cfg

@@ -203,13 +203,17 @@ class KVCache:
 
     Without a cache, each new token re-runs the whole sequence through every layer. The keys and
     values of earlier tokens never change (causal attention: a token never sees later ones), so
-    they can be kept: keys[layer] and values[layer] are (B, H, context_length, head_dim) tensors,
-    allocated once, of which the first `length` positions are filled.
+    they can be kept: keys[layer] and values[layer] are (B, H, max_length, head_dim) tensors,
+    allocated once, of which the first `length` positions are filled. max_length defaults to
+    context_length; generate() asks for just the prompt plus the new tokens (a real model's
+    context of 128K tokens would otherwise take gigabytes before the first token).
     """
 
-    def __init__(self, cfg, batch_size, device=None, dtype=torch.float32):
-        heads, head_dim = cfg["n_heads"], cfg["emb_dim"] // cfg["n_heads"]
-        shape = (batch_size, heads, cfg["context_length"], head_dim)
+    def __init__(self, cfg, batch_size, device=None, dtype=torch.float32, max_length=None):
+        # Grouped-query attention (utils/modern.py) caches n_kv_heads heads of head_dim each.
+        heads = cfg.get("n_kv_heads") or cfg["n_heads"]
+        head_dim = cfg.get("head_dim") or cfg["emb_dim"] // cfg["n_heads"]
+        shape = (batch_size, heads, max_length or cfg["context_length"], head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg["n_layers"])]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg["n_layers"])]
         self.length = 0
@@ -263,7 +267,8 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=Non
     context_length = model.cfg["context_length"]
     cache = None
     if use_cache and idx.shape[1] <= context_length:
-        cache = KVCache(model.cfg, idx.shape[0], idx.device, next(model.parameters()).dtype)
+        cache = KVCache(model.cfg, idx.shape[0], idx.device, next(model.parameters()).dtype,
+                        max_length=min(context_length, idx.shape[1] + max_new_tokens))
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
         if cache is not None and idx.shape[1] <= context_length:

@@ -1,0 +1,219 @@
+"""The modern decoder block that real MoE LLMs use (Mixtral, Qwen, OLMoE, Granite, DeepSeek).
+
+Notebook 03's GPT-2 block has LayerNorm, learned absolute positions, full multi-head attention
+and a GELU MLP. The MoE models of notebook 08 all changed the same four pieces:
+
+    RMSNorm               LayerNorm without the mean and the shift (Zhang & Sennrich 2019)
+    RoPE                  positions as rotations of the queries and keys (Su et al. 2021)
+    grouped-query attn.   several query heads share one key/value head: a smaller KV cache
+                          (Ainslie et al. 2023), optionally with RMSNorm on queries and keys
+    SwiGLU experts        the course's MoEFeedForward with expert_type "swiglu"
+
+Shapes: B = batch, T = new tokens, D = emb_dim, H = n_heads, G = n_kv_heads, d = head_dim.
+A model is one plain dict like the GPT's; its keys, defaults and checks are in utils/config.py
+(MODERN_OPTIONAL_KEYS). utils/checkpoints.py builds that dict from a Hugging Face config.json.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import validate_modern_config
+from .gpt import KVCache, generate  # noqa: F401  (generate works on ModernMoEModel as it is)
+from .moe import Experts, make_moe
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight over the last dimension: (..., dim) -> (..., dim).
+
+    Unlike LayerNorm it neither subtracts the mean nor adds a shift, which saves work and, in
+    practice, loses nothing. It is computed in float32 and cast back, so a bfloat16 model gets
+    the same normalisation as a float32 one.
+    """
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_inverse_frequencies(rotary_dim, theta):
+    """The rotation speeds of RoPE: theta^(-2i / rotary_dim) for i = 0 .. rotary_dim/2 - 1.
+
+    Pair i of a head's dimensions turns by position * frequency[i] radians: the first pairs fast
+    (local order), the last ones slowly (long range). A larger theta slows them all down, which is
+    how long-context models stretch RoPE (Qwen3: 1e6)."""
+    return 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
+
+
+def rope_cos_sin(positions, inv_freq):
+    """cos and sin of the rotation angles: positions (T,) -> two (T, rotary_dim) float32 tensors.
+
+    The angle of pair i is repeated at i and i + rotary_dim/2: the halves layout below."""
+    angles = positions.float()[:, None] * inv_freq[None, :]             # (T, rotary_dim / 2)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate the first rotary_dim dimensions of every head: x (B, heads, T, d) -> same shape.
+
+    Dimension j is paired with j + rotary_dim/2 (the "halves" layout of GPT-NeoX and of the
+    Hugging Face checkpoints; the RoPE paper pairs neighbours, which is the same rotation on
+    permuted weights). Each pair (a, b) becomes (a cos - b sin, b cos + a sin). With partial
+    rotary (rotary_dim < d) the remaining dimensions pass through unrotated.
+    """
+    rotary_dim = cos.shape[-1]
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    first, second = rot.chunk(2, dim=-1)
+    rotated = torch.cat([-second, first], dim=-1)                        # the partner of each dim
+    out = rot * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out
+
+
+class GroupedQueryAttention(nn.Module):
+    """Causal self-attention with n_heads query heads and n_kv_heads key/value heads.
+
+    x: (B, T, D) -> (B, T, D). Query head h reads key/value head h // (n_heads / n_kv_heads), so
+    the keys and values - and the KV cache - are n_heads / n_kv_heads times smaller than in
+    multi-head attention (n_kv_heads = n_heads). Positions enter only through RoPE on q and k.
+
+    qk_norm "head" (Qwen3) normalises each head's query and key with an RMSNorm of size d;
+    "full" (OLMoE) normalises the whole projected query (H*d) and key (G*d) before splitting
+    into heads. clip_qkv (OLMoE) clamps q, k and v to [-clip, clip].
+    attention_multiplier (Granite) replaces the usual 1/sqrt(d) scale of the scores.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        D, H, G, d = cfg["emb_dim"], cfg["n_heads"], cfg["n_kv_heads"], cfg["head_dim"]
+        self.n_heads, self.n_kv_heads, self.head_dim = H, G, d
+        self.W_query = nn.Linear(D, H * d, bias=cfg["qkv_bias"])
+        self.W_key = nn.Linear(D, G * d, bias=cfg["qkv_bias"])
+        self.W_value = nn.Linear(D, G * d, bias=cfg["qkv_bias"])
+        self.out_proj = nn.Linear(H * d, D, bias=cfg["out_proj_bias"])
+        self.qk_norm = cfg["qk_norm"]
+        q_size, k_size = (d, d) if self.qk_norm == "head" else (H * d, G * d)
+        self.q_norm = RMSNorm(q_size, cfg["norm_eps"]) if self.qk_norm else None
+        self.k_norm = RMSNorm(k_size, cfg["norm_eps"]) if self.qk_norm else None
+        self.clip_qkv = cfg["clip_qkv"]
+        self.scale = cfg["attention_multiplier"]                        # None: 1 / sqrt(d)
+
+    def forward(self, x, cos, sin, cache=None, layer=0):
+        """cos, sin: (T, rotary_dim) for the new tokens' positions. With a KVCache, x holds the
+        tokens after the cache's `length` ones; their keys and values are stored in slot `layer`."""
+        B, T, _ = x.shape
+        q, k, v = self.W_query(x), self.W_key(x), self.W_value(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, d)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, d)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        start = 0
+        if cache is not None:
+            start = cache.length
+            k, v = cache.update(layer, k, v)                              # (B, G, start + T, d)
+        # Each key/value head serves n_heads / n_kv_heads query heads: repeat it for them.
+        repeats = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+        # New token i sits at position start + i and sees positions 0 .. start + i.
+        visible = None
+        if start > 0 and T > 1:
+            visible = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=start == 0 and T > 1,
+                                                 scale=self.scale)
+        return self.out_proj(context.transpose(1, 2).reshape(B, T, -1))
+
+
+class ModernBlock(nn.Module):
+    """Pre-norm block with RMSNorm: x + m * Attn(norm1(x)), then x + m * FFN(norm2(x)).
+
+    m is Granite's residual_multiplier (1 elsewhere). `ff` is the block's feed-forward: a routed
+    MoE layer, or a dense SwiGLU MLP (Experts with one expert) in the layers that have none.
+    """
+
+    def __init__(self, cfg, ff):
+        super().__init__()
+        self.norm1 = RMSNorm(cfg["emb_dim"], cfg["norm_eps"])
+        self.att = GroupedQueryAttention(cfg)
+        self.norm2 = RMSNorm(cfg["emb_dim"], cfg["norm_eps"])
+        self.ff = ff
+        self.residual_multiplier = cfg["residual_multiplier"]
+
+    def forward(self, x, cos, sin, cache=None, layer=0):
+        x = x + self.residual_multiplier * self.att(self.norm1(x), cos, sin, cache=cache, layer=layer)
+        h = self.norm2(x)
+        ff = self.ff.dense(h) if isinstance(self.ff, Experts) else self.ff(h)
+        return x + self.residual_multiplier * ff
+
+
+def is_moe_block(cfg, layer):
+    """Whether block `layer` (0-based) of a validated modern config has a routed MoE layer: every
+    moe_every_n_layers-th block (Qwen's decoder_sparse_step) that is not in dense_layers."""
+    return cfg["num_experts"] > 0 and (layer + 1) % cfg["moe_every_n_layers"] == 0 \
+        and layer not in cfg["dense_layers"]
+
+
+class ModernMoEModel(nn.Module):
+    """Token ids (B, T) -> next-token logits (B, T, vocab_size), built from the modern blocks.
+
+    logits = out_head(final_norm(blocks(embedding_multiplier * tok_emb(idx)))) / logits_scaling
+    (the multipliers are Granite's muP scales, 1 elsewhere). With tie_embeddings the output head
+    reuses the token embedding matrix. Works with utils.gpt.generate and its KVCache, and with
+    the routing analysis of notebook 05 (its MoE layers are the course's MoEFeedForward).
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        cfg = validate_modern_config(cfg)
+        self.cfg = cfg
+        D = cfg["emb_dim"]
+        self.tok_emb = nn.Embedding(cfg["vocab_size"], D)
+        self.trf_blocks = nn.ModuleList(
+            ModernBlock(cfg, make_moe(cfg) if is_moe_block(cfg, i) else
+                        Experts(1, D, cfg["ffn_hidden_dim"], cfg["expert_type"]))
+            for i in range(cfg["n_layers"]))
+        self.final_norm = RMSNorm(D, cfg["norm_eps"])
+        self.out_head = nn.Linear(D, cfg["vocab_size"], bias=False)
+        self.tie_weights()
+
+    def tie_weights(self):
+        """Share the embedding matrix with the output head when the config ties them (to be
+        called again after anything that replaces parameters, e.g. Module.to_empty)."""
+        if self.cfg["tie_embeddings"]:
+            self.out_head.weight = self.tok_emb.weight
+
+    def reset_buffers(self):
+        """Zero the routers' expert biases (buffers, not weights: checkpoints do not hold them),
+        e.g. after Module.to_empty left them uninitialised."""
+        for module in self.modules():
+            if hasattr(module, "expert_bias"):
+                module.expert_bias.zero_()
+
+    def forward(self, idx, cache=None):
+        """idx: (B, T) -> logits (B, T, V). With a KVCache, idx holds only the tokens that follow
+        the cache's `length` tokens, and the cache grows by T."""
+        B, T = idx.shape
+        start = 0 if cache is None else cache.length
+        if start + T > self.cfg["context_length"]:
+            raise ValueError(f"sequence length {start + T} ({start} cached + {T} new) exceeds "
+                             f"context_length {self.cfg['context_length']}")
+        # The frequencies are recomputed in float32 at every call (a few numbers): kept as a buffer,
+        # they would be rounded when the model is cast to bfloat16.
+        inv_freq = rope_inverse_frequencies(self.cfg["rotary_dim"], self.cfg["rope_theta"]).to(idx.device)
+        cos, sin = rope_cos_sin(torch.arange(start, start + T, device=idx.device), inv_freq)
+        x = self.tok_emb(idx) * self.cfg["embedding_multiplier"]
+        for layer, block in enumerate(self.trf_blocks):
+            x = block(x, cos, sin, cache=cache, layer=layer)
+        if cache is not None:
+            cache.length += T
+        return self.out_head(self.final_norm(x)) / self.cfg["logits_scaling"]
