@@ -378,3 +378,44 @@ def test_real_configs_build_the_parameters_notebook_08_counts(name):
     expert_names = [n for n in names if ".experts." in n or "input_linear" in n]
     assert len(expert_names) == sum(isinstance(b.ff, checkpoints.MoEFeedForward) for b in model.trf_blocks) * (
         1 if hf["model_type"] == "granitemoe" else 3 * E)
+
+
+def test_swapped_expert_matrices_are_caught(saved, monkeypatch):
+    """The equality checks above can fail: exchanging Mixtral's w1 and w3 changes the logits."""
+    ref, path = saved["mixtral", "a"]
+    monkeypatch.setattr(checkpoints, "_MIXTRAL_NAMES", (("w3", "w_gate"), ("w1", "w_in"), ("w2", "w_out")))
+    idx = tokens(ref.config.vocab_size)
+    with torch.no_grad():
+        assert (load_hf_checkpoint(path)(idx) - ref(idx).logits).abs().max() > 0.1
+
+
+def test_saving_over_a_checkpoint_is_refused(saved, tmp_path):
+    _, path = saved["olmoe", "a"]
+    model = load_hf_checkpoint(path)
+    save_hf_checkpoint(model, tmp_path / "out", max_shard_bytes=10_000)
+    with pytest.raises(ValueError, match="already holds a checkpoint"):
+        save_hf_checkpoint(model, tmp_path / "out")
+
+
+def test_load_tokenizer_reads_tokenizer_json_and_download_asks_only_for_what_it_loads(tmp_path, monkeypatch):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(["To be, or not to be: that is the question."] * 20,
+                                  trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    ours = checkpoints.load_tokenizer(tmp_path)
+    ids = ours.encode("not to be")
+    assert ids == tokenizer.encode("not to be").ids and ours.decode(ids) == "not to be"
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        checkpoints.load_tokenizer(tmp_path / "nowhere")
+
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: calls.append((repo, kw)) or kw["local_dir"])
+    assert checkpoints.download_hf_checkpoint("ibm-granite/granite-3.1-1b-a400m-base", tmp_path) == tmp_path
+    assert calls == [("ibm-granite/granite-3.1-1b-a400m-base",
+                      {"local_dir": tmp_path, "allow_patterns": ["*.json", "*.safetensors"]})]

@@ -137,7 +137,8 @@ def hf_tensor_map(model):
 
     `parts` are the views of our parameters the tensor fills: usually one (a whole parameter, or
     expert e's slice of a stacked expert weight). Granite stores each expert's SiLU and linear
-    branches as one (E, 2H, D) matrix: two parts, concatenated along `dim`.
+    branches as one (E, 2F, D) matrix (F: an expert's hidden width): two parts, concatenated
+    along `dim`.
     """
     model_type = model.hf_config["model_type"]
     moe_module = "block_sparse_moe" if model_type in ("mixtral", "granitemoe") else "mlp"
@@ -166,8 +167,8 @@ def hf_tensor_map(model):
         experts = ff.experts
         if model_type == "granitemoe":
             tensors[moe + "router.layer.weight"] = ([p(ff.router.gate.weight)], 0)
-            tensors[moe + "input_linear.weight"] = ([p(experts.w_gate), p(experts.w_in)], 1)   # (E, 2H, D)
-            tensors[moe + "output_linear.weight"] = ([p(experts.w_out)], 0)                  # (E, D, H)
+            tensors[moe + "input_linear.weight"] = ([p(experts.w_gate), p(experts.w_in)], 1)   # (E, 2F, D)
+            tensors[moe + "output_linear.weight"] = ([p(experts.w_out)], 0)                  # (E, D, F)
             continue
         tensors[moe + "gate.weight"] = ([p(ff.router.gate.weight)], 0)
         names = _MIXTRAL_NAMES if model_type == "mixtral" else _MLP_NAMES
@@ -278,12 +279,15 @@ def save_hf_checkpoint(model, path, max_shard_bytes=2 * 2**30):
     The model must come from model_from_hf_config or load_hf_checkpoint (it needs the
     `hf_config` to write). Weights are written in the published per-expert layout, in shards of at
     most max_shard_bytes (plus model.safetensors.index.json when there is more than one); only one
-    shard's tensors are copied at a time.
+    shard's tensors are copied at a time. The directory must not hold a checkpoint already: old
+    shards or an old index left next to the new files would be read instead of them.
     """
     hf = getattr(model, "hf_config", None)
     if hf is None:
         raise ValueError("the model has no hf_config: build it with model_from_hf_config or load_hf_checkpoint")
     path = pathlib.Path(path)
+    if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists():
+        raise ValueError(f"{path} already holds a checkpoint: save into a new or empty directory")
     path.mkdir(parents=True, exist_ok=True)
     dtype = next(model.out_head.parameters()).dtype
     config = {**hf, "dtype": str(dtype).removeprefix("torch.")}

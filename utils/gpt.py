@@ -249,8 +249,9 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=Non
     use_cache=True keeps every layer's keys and values in a KVCache: the prompt is processed once
     (prefill), then each step runs only the newest token (decode). It gives the same tokens as
     use_cache=False, which re-runs the whole sequence every step. Beyond context_length the model
-    sees the last context_length tokens (a sliding window); positions are learned and absolute, so
-    every token then shifts position at each step and the whole window is recomputed, cache or not.
+    sees the last context_length tokens (a sliding window): every token then shifts position at
+    each step, so the whole window is recomputed, cache or not. (With the GPT's learned absolute
+    positions this is required; with RoPE, utils/modern.py, it keeps the two paths identical.)
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")

@@ -26,8 +26,9 @@ class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * weight over the last dimension: (..., dim) -> (..., dim).
 
     Unlike LayerNorm it neither subtracts the mean nor adds a shift, which saves work and, in
-    practice, loses nothing. It is computed in float32 and cast back, so a bfloat16 model gets
-    the same normalisation as a float32 one.
+    practice, loses nothing. The root mean square is computed in float32 (a sum of squares in
+    bfloat16 would lose precision); the normalised vector is cast back to x's dtype before the
+    scale, as in the published implementations.
     """
 
     def __init__(self, dim, eps=1e-6):
