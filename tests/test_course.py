@@ -12,6 +12,24 @@ def test_notebooks_are_numbered_in_order():
     assert numbers == list(range(1, len(numbers) + 1))
 
 
+def test_the_setup_cell_is_short_and_finds_the_course_from_any_folder_inside_it(tmp_path, monkeypatch):
+    source = setup_cell_source()
+    assert len(source.splitlines()) <= 6
+    for folder in (ROOT / "notebooks", ROOT / "figures"):
+        monkeypatch.chdir(folder)
+        namespace = {}
+        exec(source, namespace)
+        assert namespace["ROOT"] == ROOT and namespace["FIGURES"] == ROOT / "figures"
+    monkeypatch.chdir(tmp_path)                      # outside the course and not on Colab: utils is not found
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(ROOT))])
+    namespace = {}
+    try:
+        exec(source.replace("from utils.course import setup", "from utils_absent_here.course import setup"), namespace)
+    except ModuleNotFoundError:
+        pass
+    assert namespace["ROOT"] is None
+
+
 def test_setup_cells_and_readme_links_are_in_sync():
     assert sync(check=True) == [], "run `python -m utils.course` to regenerate them"
 
