@@ -423,3 +423,38 @@ def test_kv_cache_errors_name_the_field():
         kv_cache_bytes(raw_config("olmoe", layer_types=["linear_attention"] * SMALL["num_hidden_layers"]), 100)
     with pytest.raises(ValueError, match="attention_chunk_size"):
         kv_cache_bytes(raw_config("llama4_text", attention_chunk_size=1), 100)
+
+
+@pytest.mark.parametrize("name", ["granite-3.1-1b-a400m", "mixtral-8x7b", "olmoe-1b-7b", "qwen1.5-moe-a2.7b",
+                                  "qwen3-30b-a3b", "qwen3-235b-a22b"])
+def test_cheat_sheet_keys_agree_with_the_loader_of_notebook_11(name):
+    """course_moe_keys (notebook 08's cheat-sheet) and config_from_hf (notebook 11's loader, tested
+    logit by logit against transformers) must read a config the same way."""
+    from utils.checkpoints import config_from_hf
+    from utils.hf_params import course_moe_keys
+
+    config = load_model_config(name)
+    keys, loader = course_moe_keys(config), config_from_hf(config)
+    for key in ("router_type", "num_experts", "num_experts_per_tok", "moe_hidden_dim", "norm_topk_prob",
+                "expert_type"):
+        assert keys[key] == loader[key], key
+    for key in ("num_shared_experts", "shared_expert_hidden_dim", "shared_expert_gate"):
+        assert keys[key] == loader.get(key, {"num_shared_experts": 0, "shared_expert_hidden_dim": None,
+                                              "shared_expert_gate": False}[key]), key
+
+
+def test_cheat_sheet_keys_of_deepseek_and_nemotron_match_transformers_configs():
+    from utils.hf_params import course_moe_keys
+
+    for name, expected in (("deepseek-v3", dict(router_type="sigmoid", routed_scaling_factor=2.5, n_group=8, topk_group=4,
+                                                num_shared_experts=1, balancing="bias", expert_type="swiglu")),
+                           ("nemotron-3-super-120b-a12b", dict(router_type="sigmoid", routed_scaling_factor=5.0,
+                                                               latent_dim=1024, expert_type="relu2", balancing="bias"))):
+        config = load_model_config(name)
+        keys = course_moe_keys(config)
+        assert {k: keys[k] for k in expected} == expected
+        hf = AutoConfig.for_model(**{k: v for k, v in config.items() if k not in ("architectures", "auto_map")})
+        assert keys["routed_scaling_factor"] == hf.routed_scaling_factor and keys["n_group"] == hf.n_group
+        assert keys["num_experts"] == hf.n_routed_experts and keys["norm_topk_prob"] == hf.norm_topk_prob
+    with pytest.raises(ValueError, match="not in the cheat-sheet"):
+        course_moe_keys({"model_type": "glm4_moe"})

@@ -430,3 +430,54 @@ def recurrent_state_values(config, batch_size=1):
         key_dim, value_dim, nv, dk, dv, K = _deltanet_sizes(cfg)
         conv_dim, state = 2 * key_dim + value_dim, nv * dk * dv
     return batch_size * n_layers * (state + conv_dim * K)
+
+
+# ----------------------------------------------------------------------------------------------
+# A real model's MoE layer in the course's own config keys (the cheat-sheet of notebook 08).
+
+CHEAT_SHEET_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "deepseek_v3", "gpt_oss",
+                        "granitemoe", "nemotron_h")
+
+
+def course_moe_keys(config):
+    """The MoE choices of a Hugging Face config.json as the course's config keys (utils/config.py):
+    router_type, num_experts, num_experts_per_tok, norm_topk_prob, routed_scaling_factor, n_group,
+    topk_group, num_shared_experts, shared_expert_hidden_dim, shared_expert_gate, expert_type and
+    latent_dim, plus two that the course names but does not configure this way: "balancing"
+    ("auxiliary loss", or "bias" for auxiliary-loss-free balancing, which is how the model's code
+    routes: DeepSeek-V3's noaux_tc and Nemotron-H's e_score_correction_bias) and
+    "router_aux_loss_coef" (the config's coefficient, None when it has none).
+
+    Each rule follows the family's transformers code: e.g. Mixtral, Granite and gpt-oss take a
+    softmax over the k best logits, which equals renormalised top-k (norm_topk_prob True).
+    """
+    cfg = text_config(config)
+    mt, f = cfg["model_type"], lambda key, default=REQUIRED: _field(cfg, key, default)
+    if mt not in CHEAT_SHEET_FAMILIES:
+        raise ValueError(f"model_type {mt!r} is not in the cheat-sheet; supported: {list(CHEAT_SHEET_FAMILIES)}")
+    shape = moe_layer_shape(cfg)
+    sigmoid = mt == "nemotron_h" or f("scoring_func", "softmax") == "sigmoid"
+    keys = {"router_type": "sigmoid" if sigmoid else "softmax",
+            "num_experts": shape["num_experts"], "num_experts_per_tok": shape["top_k"],
+            "moe_hidden_dim": shape["expert_hidden"],
+            "norm_topk_prob": True if mt in ("mixtral", "granitemoe", "gpt_oss")
+            else f("norm_topk_prob", mt in ("deepseek_v3", "nemotron_h")),
+            "routed_scaling_factor": f("routed_scaling_factor", 1.0) if mt in ("deepseek_v3", "nemotron_h") else 1.0,
+            "n_group": f("n_group", 1) if mt in ("deepseek_v3", "nemotron_h") else 1,
+            "topk_group": f("topk_group", 1) if mt in ("deepseek_v3", "nemotron_h") else 1,
+            "num_shared_experts": 0, "shared_expert_hidden_dim": None, "shared_expert_gate": False,
+            "expert_type": "relu2" if mt == "nemotron_h" else "swiglu",
+            "latent_dim": f("moe_latent_size", None) if mt == "nemotron_h" else None}
+    if mt in ("qwen2_moe", "qwen3_next") and f("shared_expert_intermediate_size", 0):
+        keys.update(num_shared_experts=1, shared_expert_hidden_dim=f("shared_expert_intermediate_size"),
+                    shared_expert_gate=True)
+    if mt == "deepseek_v3" and f("n_shared_experts", 0):
+        keys.update(num_shared_experts=f("n_shared_experts"),
+                    shared_expert_hidden_dim=f("n_shared_experts") * f("moe_intermediate_size"))
+    if mt == "nemotron_h" and f("n_shared_experts", 0):
+        keys.update(num_shared_experts=f("n_shared_experts"),
+                    shared_expert_hidden_dim=f("moe_shared_expert_intermediate_size"))
+    bias = (mt == "deepseek_v3" and f("topk_method", "noaux_tc") == "noaux_tc") or mt == "nemotron_h"
+    keys["balancing"] = "bias" if bias else "auxiliary loss"
+    keys["router_aux_loss_coef"] = cfg.get("router_aux_loss_coef", cfg.get("aux_loss_alpha"))
+    return keys
