@@ -80,3 +80,39 @@ def test_training_notebooks_read_course_seed():
         if re.search(r"\b(train|train_run)\(", code):
             assert "course_seed()" in code, f"{path.name} trains but does not read COURSE_SEED"
             assert "manual_seed(123)" not in code and "seed=0)" not in code, path.name
+
+
+SOLUTIONS = ROOT / "notebooks" / "solutions" / "exercise_solutions.ipynb"
+
+
+def _markdown(path):
+    return ["".join(c["source"]) for c in json.loads(path.read_text(encoding="utf-8"))["cells"]
+            if c["cell_type"] == "markdown"]
+
+
+def test_every_notebook_has_its_frame_and_exercises_with_solutions():
+    solved = {re.match(r"## (\d\d) · ", text).group(1) for text in _markdown(SOLUTIONS) if re.match(r"## \d\d · ", text)}
+    for path in NOTEBOOKS:
+        text = "\n".join(_markdown(path))
+        assert _markdown(path)[0].startswith(f"# {path.name[:2]} · "), path.name
+        for part in ("**What you will learn:**", "**Prerequisites:**", "**Run time:**", "## Summary",
+                     "## Exercises", "## Further reading"):
+            assert part in text, f"{path.name}: no {part}"
+        assert path.name[:2] in solved, f"{path.name}: no solutions in {SOLUTIONS.name}"
+        assert "solutions/exercise_solutions.ipynb" in text
+
+
+def test_the_course_cites_at_least_twelve_arxiv_papers():
+    ids = set()
+    for path in [*NOTEBOOKS, SOLUTIONS]:
+        ids |= set(re.findall(r"arXiv (\d{4}\.\d{4,5})", "\n".join(_markdown(path))))
+    assert len(ids) >= 12, sorted(ids)
+
+
+def test_the_solutions_notebook_is_executed_clean_and_portable():
+    nb = json.loads(SOLUTIONS.read_text(encoding="utf-8"))
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert "".join(code[0]["source"]) == setup_cell_source()
+    assert [c["execution_count"] for c in code] == list(range(1, len(code) + 1))
+    assert not any(o.get("output_type") == "error" for c in code for o in c["outputs"])
+    assert not re.search(r"/(work|root|home|tmp|Users)/\w", SOLUTIONS.read_text(encoding="utf-8"))

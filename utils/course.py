@@ -53,10 +53,14 @@ def notebook_paths():
     return sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 
 
+def solution_paths():
+    return sorted((NOTEBOOKS / "solutions").glob("*.ipynb"))
+
+
 def sync(check=False):
     """Rewrite (or, with check=True, only list) the notebooks and README lines that are out of date."""
     stale = []
-    for path in notebook_paths():
+    for path in notebook_paths() + solution_paths():
         nb = json.loads(path.read_text(encoding="utf-8"))
         first = next(c for c in nb["cells"] if c["cell_type"] == "code")   # after the title cell
         if "".join(first["source"]) != setup_cell_source():
