@@ -32,6 +32,29 @@ def plot_loss_curves(histories, title="Loss", x="step", show_train=True, ax=None
     return ax
 
 
+def add_full_run_inset(ax, histories, colors=None, bounds=(0.07, 0.08, 0.34, 0.34)):
+    """For a loss plot zoomed on the end of training (step 0 off the top): an inset with each run's
+    whole validation curve from step 0. histories: {name: history}; colors default to C0, C1, ..."""
+    inset = ax.inset_axes(bounds)
+    for i, h in enumerate(histories.values()):
+        inset.plot(h["step"], h["val_loss"], color=(colors or [f"C{j}" for j in range(len(histories))])[i], lw=1)
+    inset.set_title("whole run, from step 0", fontsize=8)
+    inset.tick_params(labelsize=7)
+    inset.set_xlabel("step", fontsize=7, labelpad=1)
+    inset.set_ylabel("val loss", fontsize=7, labelpad=1)
+    inset.grid(alpha=0.3)
+    return inset
+
+
+def add_tokens_axis(ax, history):
+    """A second x-axis on top: tokens seen, for a plot whose x-axis is the optimizer step (every
+    run of a figure sees the same tokens per step)."""
+    per_step = history["tokens_seen"][-1] / history["step"][-1]
+    top = ax.secondary_xaxis("top", functions=(lambda step: step * per_step, lambda tokens: tokens / per_step))
+    top.set_xlabel("tokens seen")
+    return top
+
+
 def save_figure(fig, path, dpi=120):
     """Save `fig` as PNG (creating the folder) and return the path."""
     path = pathlib.Path(path)
@@ -54,29 +77,48 @@ def _arrow(ax, x0, y0, x1, y1, **kw):
     ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops=dict(arrowstyle="->", **kw))
 
 
+def _residual(ax, x_from, y_from, x_side, y_to, x_to):
+    """The residual path: from the input box's side, up along x = x_side, into the output's '+'."""
+    ax.plot([x_from, x_side, x_side], [y_from, y_from, y_to], color="gray", lw=1.2)
+    _arrow(ax, x_side, y_to, x_to, y_to, color="gray")
+    ax.text(x_side + 0.01, (y_from + y_to) / 2, "residual", rotation=90, va="center", fontsize=8, color="gray")
+
+
 def draw_moe_schematic(n_experts=8, chosen=(2, 5), gates=(0.62, 0.38)):
     """Notebook 05: one token through a dense FeedForward (left) and through an MoE layer whose
-    router picks the experts `chosen` with weights `gates` (right)."""
-    fig, (ax_d, ax_m) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 2.2]})
-    _box(ax_d, 0.5, 0.1, 0.5, 0.1, "token x (D)", "#ddeeff")
-    _box(ax_d, 0.5, 0.5, 0.5, 0.25, "FeedForward\nD -> 4D -> D", "#ffe0b0")
-    _box(ax_d, 0.5, 0.9, 0.5, 0.1, "output (D)", "#ddeeff")
-    _arrow(ax_d, 0.5, 0.15, 0.5, 0.37)
-    _arrow(ax_d, 0.5, 0.63, 0.5, 0.85)
+    router picks the experts `chosen` with weights `gates` (right). In both, the block adds the
+    layer's output to the token's own vector (the residual)."""
+    fig, (ax_d, ax_m) = plt.subplots(1, 2, figsize=(13, 5.4), gridspec_kw={"width_ratios": [1, 2.2]})
+    _box(ax_d, 0.45, 0.06, 0.5, 0.08, "token x (D)", "#ddeeff")
+    _box(ax_d, 0.45, 0.45, 0.5, 0.22, "FeedForward\nD -> 4D -> D", "#ffe0b0")
+    _box(ax_d, 0.45, 0.92, 0.5, 0.08, "x + FFN(x) (D)", "#ddeeff")
+    _arrow(ax_d, 0.45, 0.10, 0.45, 0.33)
+    _arrow(ax_d, 0.45, 0.57, 0.45, 0.87)
+    _residual(ax_d, 0.70, 0.06, 0.85, 0.92, 0.71)
     ax_d.set_title("dense: every token, one MLP")
+
     k = len(chosen)
-    xs = [0.1 + i * 0.8 / (n_experts - 1) for i in range(n_experts)]
-    _box(ax_m, 0.5, 0.06, 0.22, 0.08, "token x (D)", "#ddeeff")
-    _box(ax_m, 0.5, 0.27, 0.36, 0.1, f"router: softmax(x W_g), keep top-{k}", "#e8d8ff")
-    _arrow(ax_m, 0.5, 0.10, 0.5, 0.22)
+    xs = [0.1 + i * 0.72 / (n_experts - 1) for i in range(n_experts)]
+    _box(ax_m, 0.46, 0.06, 0.2, 0.08, "token x (D)", "#ddeeff")
+    _box(ax_m, 0.1, 0.27, 0.16, 0.1, f"router\nsoftmax(x W_g)\nkeep top-{k}", "#e8d8ff")
+    _arrow(ax_m, 0.40, 0.08, 0.17, 0.21)
     for i, x in enumerate(xs):
         on = i in chosen
-        _box(ax_m, x, 0.55, 0.065, 0.2, f"expert\n{i}", "#ffe0b0" if on else "#eeeeee", 1.0 if on else 0.6)
+        _box(ax_m, x, 0.52, 0.06, 0.16, f"expert\n{i}", "#ffe0b0" if on else "#eeeeee", 1.0 if on else 0.6)
         if on:
-            _arrow(ax_m, 0.5, 0.32, x, 0.45, color="black")
-            _arrow(ax_m, x, 0.65, 0.5, 0.82, color="black")
-            ax_m.text(x + 0.05, 0.72, f"x {gates[chosen.index(i)]:.2f}", fontsize=9, color="purple")
-    _box(ax_m, 0.5, 0.87, 0.36, 0.08, "weighted sum -> output (D)", "#ddeeff")
+            _arrow(ax_m, 0.46, 0.10, x, 0.43, color="black")                     # the token goes to it
+            _arrow(ax_m, 0.18, 0.29, x - 0.03, 0.44, color="purple", linestyle="--")  # chosen by the router
+            _arrow(ax_m, x, 0.61, 0.46, 0.73, color="black")                      # its output, weighted
+            gate = gates[chosen.index(i)]
+            mx, my = (x + 0.46) / 2, 0.67
+            ax_m.text(mx + (0.015 if x > 0.46 else -0.015), my, f"x {gate:.2f}", fontsize=9, color="purple",
+                      ha="left" if x > 0.46 else "right", va="center")
+    _box(ax_m, 0.46, 0.77, 0.32, 0.07, "sum of gate x expert output (D)", "#ffe0b0")
+    _box(ax_m, 0.46, 0.93, 0.32, 0.07, "x + MoE(x) (D)", "#ddeeff")
+    _arrow(ax_m, 0.46, 0.81, 0.46, 0.89)
+    _residual(ax_m, 0.56, 0.06, 0.93, 0.93, 0.63)
+    ax_m.text(0.1, 0.15, "dashed: the router's choice;\nit also gives the gate weights", fontsize=8,
+              color="purple", ha="center")
     ax_m.set_title(f"MoE: the router picks k={k} of E={n_experts} experts per token; the other "
                    f"{n_experts - k} are skipped")
     for ax in (ax_d, ax_m):
@@ -117,18 +159,18 @@ def draw_expert_layouts(rows, seed=3):
 
 
 def draw_latent_schematic():
-    """Notebook 07: a latent MoE - router and shared expert on the full x (d), routed experts in l."""
+    """Notebook 07: a latent MoE - router and shared expert on the full x (d), routed experts in ℓ."""
     fig, ax = plt.subplots(figsize=(12, 5))
     box = lambda x, y, w, h, text, color: _box(ax, x, y, w, h, text, color, pad=0.01)  # noqa: E731
     arrow = lambda x0, y0, x1, y1: _arrow(ax, x0, y0, x1, y1)                           # noqa: E731
     box(0.08, 0.5, 0.12, 0.1, "x  (d)", "#ddeeff")
     box(0.3, 0.85, 0.2, 0.1, "router on full x (d)\nsigmoid, top-k", "#e8d8ff")
-    box(0.3, 0.5, 0.16, 0.1, "down-proj d -> l", "#c8f0c8")
+    box(0.3, 0.5, 0.16, 0.1, "down-proj d -> ℓ", "#c8f0c8")
     box(0.3, 0.15, 0.2, 0.1, "shared expert on full x (d)", "#7fb3ff")
     for i, y in enumerate([0.7, 0.58, 0.46, 0.34]):
-        box(0.55, y, 0.13, 0.08, f"expert {i}: l -> h -> l", "#ffe0b0" if i in (0, 2) else "#eeeeee")
-    box(0.75, 0.5, 0.12, 0.1, "weighted\nsum in l", "#ffe0b0")
-    box(0.75, 0.28, 0.12, 0.08, "up-proj l -> d", "#c8f0c8")
+        box(0.55, y, 0.13, 0.08, f"expert {i}: ℓ -> F -> ℓ", "#ffe0b0" if i in (0, 2) else "#eeeeee")
+    box(0.75, 0.5, 0.12, 0.1, "weighted\nsum in ℓ", "#ffe0b0")
+    box(0.75, 0.28, 0.12, 0.08, "up-proj ℓ -> d", "#c8f0c8")
     box(0.93, 0.28, 0.1, 0.1, "+  ->  out (d)", "#ddeeff")
     for x0, y0, x1, y1 in [(0.14, 0.52, 0.2, 0.84), (0.14, 0.5, 0.22, 0.5), (0.14, 0.48, 0.2, 0.16),
                            (0.38, 0.5, 0.485, 0.7), (0.38, 0.5, 0.485, 0.46), (0.4, 0.84, 0.55, 0.75),
@@ -136,10 +178,12 @@ def draw_latent_schematic():
                            (0.81, 0.28, 0.88, 0.28), (0.4, 0.15, 0.91, 0.23)]:
         arrow(x0, y0, x1, y1)
     ax.text(0.47, 0.8, "gates", fontsize=8, color="purple")
-    ax.text(0.35, 0.36, "only l values per token\nare sent to each expert", fontsize=8, color="darkgreen")
+    ax.text(0.35, 0.36, "only ℓ values per token\nare sent to each expert", fontsize=8, color="darkgreen")
     ax.set_xlim(0, 1)
     ax.set_ylim(0.05, 0.95)
     ax.axis("off")
-    ax.set_title("Latent MoE: routing and the shared expert see d; the routed experts work in l < d")
+    ax.set_title("Latent MoE: routing and the shared expert see d; the routed experts work in ℓ < d")
+    ax.text(0.5, 0.06, "d: model width (hidden_size)    ℓ: latent width (moe_latent_size)    "
+            "F: an expert's hidden width (moe_intermediate_size)", ha="center", fontsize=8)
     fig.tight_layout()
     return fig
