@@ -14,7 +14,9 @@ def test_moe_schematic_colours_the_chosen_experts():
     fig = draw_moe_schematic(n_experts=6, chosen=(1, 4), gates=(0.7, 0.3))
     moe_axes = fig.axes[1]
     boxes = [p for p in moe_axes.patches if isinstance(p, patches.FancyBboxPatch)]
-    assert len(boxes) == 6 + 3                                  # the experts, the token, router, output
+    assert len(boxes) == 6 + 4                                  # the experts, the token, router, sum, output
+    chosen_colour = [b.get_facecolor() for b in boxes if b.get_facecolor()[:3] == (1.0, 224 / 255, 176 / 255)]
+    assert len(chosen_colour) == 2 + 1                          # the two chosen experts and the weighted sum
     assert "k=2 of E=6" in moe_axes.get_title()
     texts = [t.get_text() for t in moe_axes.texts]
     assert "x 0.70" in texts and "x 0.30" in texts
