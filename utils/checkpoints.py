@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .hf_params import course_moe_keys
 from .modern import ModernMoEModel
 from .moe import Experts, MoEFeedForward
 
@@ -70,7 +71,10 @@ def config_from_hf(hf):
     H = _get(hf, "num_attention_heads", model_type)
     head_dim = hf.get("head_dim") or D // H
     theta, partial = _rope(hf, model_type)
-    qwen = model_type in ("qwen2_moe", "qwen3_moe")
+    # The MoE layer (E, k, widths, renormalisation, shared expert) is read as notebook 08's
+    # cheat-sheet reads it; the rest of this function is about attention and the model around it.
+    moe = {key: value for key, value in course_moe_keys(hf).items()
+           if key not in ("balancing", "router_aux_loss_coef")}
     cfg = {
         "vocab_size": _get(hf, "vocab_size", model_type),
         "context_length": _get(hf, "max_position_embeddings", model_type),
@@ -88,23 +92,13 @@ def config_from_hf(hf):
         "out_proj_bias": False if model_type == "qwen2_moe" else hf.get("attention_bias", False),
         "norm_eps": _get(hf, "rms_norm_eps", model_type),
         "tie_embeddings": hf.get("tie_word_embeddings", False),
-        "num_experts": hf.get("num_experts") or _get(hf, "num_local_experts", model_type),
-        "num_experts_per_tok": _get(hf, "num_experts_per_tok", model_type),
-        "moe_hidden_dim": _get(hf, "moe_intermediate_size" if qwen else "intermediate_size", model_type),
-        "expert_type": "swiglu",
-        "router_type": "softmax",
-        # Mixtral and Granite take a softmax over the k best logits: renormalised top-k.
-        "norm_topk_prob": hf.get("norm_topk_prob", False) if model_type in ("olmoe", "qwen2_moe", "qwen3_moe")
-        else True,
-        "aux_loss_coef": hf.get("router_aux_loss_coef", 0.0),
+        **moe,
+        "aux_loss_coef": hf.get("router_aux_loss_coef") or 0.0,
     }
-    if qwen:
+    if model_type in ("qwen2_moe", "qwen3_moe"):
         cfg["ffn_hidden_dim"] = hf.get("intermediate_size")
         cfg["moe_every_n_layers"] = hf.get("decoder_sparse_step", 1)
         cfg["dense_layers"] = tuple(hf.get("mlp_only_layers") or ())
-    if model_type == "qwen2_moe" and hf.get("shared_expert_intermediate_size"):
-        cfg.update(num_shared_experts=1, shared_expert_hidden_dim=hf["shared_expert_intermediate_size"],
-                   shared_expert_gate=True)
     if model_type == "granitemoe":
         cfg.update(embedding_multiplier=hf.get("embedding_multiplier", 1.0),
                    residual_multiplier=hf.get("residual_multiplier", 1.0),

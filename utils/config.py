@@ -226,6 +226,13 @@ MODERN_OPTIONAL_KEYS = {
 QK_NORMS = (None, "head", "full")
 
 
+def is_moe_block(cfg, layer):
+    """Whether block `layer` (0-based) of a validated modern config has a routed MoE layer: every
+    moe_every_n_layers-th block (Qwen's decoder_sparse_step) that is not in dense_layers."""
+    return cfg["num_experts"] > 0 and (layer + 1) % cfg["moe_every_n_layers"] == 0 \
+        and layer not in cfg["dense_layers"]
+
+
 def validate_modern_config(cfg):
     """Check a config of utils.modern.ModernMoEModel and return it with defaults filled in.
 
@@ -269,9 +276,7 @@ def validate_modern_config(cfg):
         check_positive_int(cfg, "ffn_hidden_dim")
     if cfg["num_experts"] > 0:
         cfg = validate_moe_config(cfg)
-    needs_dense = any(not (cfg["num_experts"] > 0 and (i + 1) % cfg["moe_every_n_layers"] == 0
-                           and i not in cfg["dense_layers"]) for i in layers)
-    if needs_dense and cfg["ffn_hidden_dim"] is None:
+    if not all(is_moe_block(cfg, i) for i in layers) and cfg["ffn_hidden_dim"] is None:
         raise ValueError("config['ffn_hidden_dim'] is needed: some blocks have a dense MLP "
                          "(num_experts 0, moe_every_n_layers or dense_layers)")
     return cfg

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import validate_modern_config
+from .config import is_moe_block, validate_modern_config
 from .gpt import KVCache, generate  # noqa: F401  (generate works on ModernMoEModel as it is)
 from .moe import Experts, make_moe
 
@@ -155,13 +155,6 @@ class ModernBlock(nn.Module):
         h = self.norm2(x)
         ff = self.ff.dense(h) if isinstance(self.ff, Experts) else self.ff(h)
         return x + self.residual_multiplier * ff
-
-
-def is_moe_block(cfg, layer):
-    """Whether block `layer` (0-based) of a validated modern config has a routed MoE layer: every
-    moe_every_n_layers-th block (Qwen's decoder_sparse_step) that is not in dense_layers."""
-    return cfg["num_experts"] > 0 and (layer + 1) % cfg["moe_every_n_layers"] == 0 \
-        and layer not in cfg["dense_layers"]
 
 
 class ModernMoEModel(nn.Module):
