@@ -2,6 +2,8 @@
 import json
 import re
 
+import pytest
+
 from utils.course import ROOT, colab_url, notebook_paths, setup_cell_source, sync
 
 NOTEBOOKS = notebook_paths()
@@ -20,14 +22,11 @@ def test_the_setup_cell_is_short_and_finds_the_course_from_any_folder_inside_it(
         namespace = {}
         exec(source, namespace)
         assert namespace["ROOT"] == ROOT and namespace["FIGURES"] == ROOT / "figures"
-    monkeypatch.chdir(tmp_path)                      # outside the course and not on Colab: utils is not found
-    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(ROOT))])
-    namespace = {}
-    try:
-        exec(source.replace("from utils.course import setup", "from utils_absent_here.course import setup"), namespace)
-    except ModuleNotFoundError:
-        pass
-    assert namespace["ROOT"] is None
+    monkeypatch.chdir(tmp_path)          # outside the course and not on Colab: say what to do, touch nothing
+    path_before = list(__import__("sys").path)
+    with pytest.raises(FileNotFoundError, match="open this notebook from inside the clone"):
+        exec(source, {})
+    assert __import__("sys").path == path_before       # no "None" put on sys.path
 
 
 def test_setup_cells_and_readme_links_are_in_sync():

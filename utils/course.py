@@ -19,13 +19,15 @@ BRANCH = "main"
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 
-# Every notebook's first code cell: at most 6 lines, the rest of the work in setup() below.
+# Every notebook's first code cell (the markdown cell above it says what it does): it makes utils/
+# importable from the clone the notebook is in, or on Colab from a fresh clone, and otherwise says
+# what to do. At most 6 lines; the rest of the work is in setup() below.
 SETUP_CELL = '''\
-# Course setup: makes utils/ importable - from the clone this notebook is in, or on Colab from a fresh clone.
 import pathlib, subprocess, sys; here = pathlib.Path.cwd()
 ROOT = next((p for p in (here, *here.parents, here / "moe-course") if (p / "utils" / "course.py").is_file()), None)
 if ROOT is None and "google.colab" in sys.modules:
     subprocess.run(["git", "clone", "-q", "--depth=1", "https://github.com/{repo}", str(ROOT := here / "moe-course")], check=True)
+elif ROOT is None: raise FileNotFoundError("no course folder (utils/course.py) here or above: clone https://github.com/{repo} and open this notebook from inside the clone")
 sys.path.insert(0, str(ROOT)); from utils.course import setup; FIGURES = setup(ROOT)'''
 
 
