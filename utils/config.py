@@ -93,7 +93,14 @@ def validate_gpt_config(cfg, extra_optional=None):
     if cfg["ffn_hidden_dim"] is None:
         cfg["ffn_hidden_dim"] = 4 * cfg["emb_dim"]
     check_positive_int(cfg, "ffn_hidden_dim")
+    check_bool(cfg, "qkv_bias")
     return cfg
+
+
+def check_bool(cfg, *keys):
+    for key in keys:
+        if not isinstance(cfg[key], bool):
+            raise ValueError(f"config[{key!r}] must be True or False, got {cfg[key]!r}")
 
 
 MOE_OPTIONAL_KEYS = {
@@ -139,11 +146,14 @@ def validate_moe_config(cfg):
     When the config also describes the whole model (it has n_layers), moe_every_n_layers is
     checked against n_layers too.
     """
-    cfg = {**MOE_OPTIONAL_KEYS, **cfg}
-    if "emb_dim" not in cfg:
-        raise ValueError("config is missing required key 'emb_dim'")
+    # An MoE layer's config is often the whole model's: every key a model config may hold is
+    # allowed, and any other key (a typo such as 'capacity_factr') is an error.
+    model_keys = {key: cfg[key] for key in (*GPT_OPTIONAL_KEYS, *MODERN_OPTIONAL_KEYS, *GPT_REQUIRED_KEYS)
+                  if key in cfg and key != "emb_dim"}
+    cfg = {**check_config(cfg, ("emb_dim",), {**MOE_OPTIONAL_KEYS, **model_keys}), **model_keys}
     check_positive_int(cfg, "emb_dim", "num_experts", "num_experts_per_tok", "moe_hidden_dim",
                        "moe_every_n_layers", "n_group", "topk_group")
+    check_bool(cfg, "norm_topk_prob", "shared_expert_gate")
     E, k = cfg["num_experts"], cfg["num_experts_per_tok"]
     if k > E:
         raise ValueError(f"num_experts_per_tok ({k}) must be <= num_experts ({E})")
@@ -182,8 +192,6 @@ def validate_moe_config(cfg):
         raise ValueError(f"config['shared_expert_hidden_dim'] ({cfg['shared_expert_hidden_dim']}) is the total "
                          "width of the shared experts, but num_shared_experts is 0: set num_shared_experts >= 1 "
                          "or shared_expert_hidden_dim to None")
-    if not isinstance(cfg["shared_expert_gate"], bool):
-        raise ValueError(f"config['shared_expert_gate'] must be True or False, got {cfg['shared_expert_gate']!r}")
     if cfg["shared_expert_gate"] and S == 0:
         raise ValueError("config['shared_expert_gate'] is True but there is no shared expert to gate: "
                          "set num_shared_experts >= 1 or shared_expert_gate to False")
@@ -197,9 +205,17 @@ def validate_model_config(cfg):
     """Check a whole model config - GPT keys and MoE keys - and return it with defaults filled in.
     With num_experts > 0 the MoE keys are checked too (validate_moe_config)."""
     cfg = validate_gpt_config(cfg, extra_optional=MOE_OPTIONAL_KEYS)
+    check_experts_count(cfg)
     if cfg["num_experts"] > 0:
         cfg = validate_moe_config(cfg)
     return cfg
+
+
+def check_experts_count(cfg):
+    """num_experts is 0 (a dense model) or a positive integer (routed MoE layers)."""
+    E = cfg["num_experts"]
+    if isinstance(E, bool) or not isinstance(E, int) or E < 0:
+        raise ValueError(f"config['num_experts'] must be 0 (dense) or a positive integer, got {E!r}")
 
 
 # The modern decoder of utils/modern.py (notebook 11): the GPT's required keys, the MoE keys
@@ -265,15 +281,14 @@ def validate_modern_config(cfg):
     for key in ("attention_multiplier", "clip_qkv"):
         if cfg[key] is not None:
             _check_number(cfg, key, 0, strict=True)
-    for key in ("qkv_bias", "out_proj_bias", "tie_embeddings"):
-        if not isinstance(cfg[key], bool):
-            raise ValueError(f"config[{key!r}] must be True or False, got {cfg[key]!r}")
+    check_bool(cfg, "qkv_bias", "out_proj_bias", "tie_embeddings")
     layers = range(cfg["n_layers"])
     if any(isinstance(i, bool) or i not in layers for i in cfg["dense_layers"]):
         raise ValueError(f"config['dense_layers'] must list block indices in 0 .. {cfg['n_layers'] - 1}, "
                          f"got {list(cfg['dense_layers'])}")
     if cfg["ffn_hidden_dim"] is not None:
         check_positive_int(cfg, "ffn_hidden_dim")
+    check_experts_count(cfg)
     if cfg["num_experts"] > 0:
         cfg = validate_moe_config(cfg)
     if not all(is_moe_block(cfg, i) for i in layers) and cfg["ffn_hidden_dim"] is None:

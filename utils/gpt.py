@@ -24,6 +24,19 @@ GPT_CONFIG_124M = {
 }
 
 
+# Devices on which scaled_dot_product_attention gets contiguous inputs: on MPS it has returned
+# wrong values for transposed (non-contiguous) ones (pytorch/pytorch#181133).
+CONTIGUOUS_SDPA_DEVICES = ("mps",)
+
+
+def fused_attention(q, k, v, **kwargs):
+    """F.scaled_dot_product_attention(q, k, v, **kwargs), with contiguous q, k, v on the devices of
+    CONTIGUOUS_SDPA_DEVICES. q: (B, H, T, d), k and v: (B, H, S, d) -> (B, H, T, d)."""
+    if q.device.type in CONTIGUOUS_SDPA_DEVICES:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
 class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention, all heads at once.
 
@@ -77,14 +90,10 @@ class MultiHeadAttention(nn.Module):
             # The same computation in one fused kernel, as nanoGPT does. Without dropout (our MoE
             # runs, evaluation, generation) it never stores the (T, T) weights; with dropout, a CPU
             # falls back to the explicit computation. Dropout acts on the weights, as above.
-            # On MPS, SDPA has returned wrong values for transposed (non-contiguous) inputs
-            # (pytorch/pytorch#181133): give it contiguous ones there.
-            if q.device.type == "mps":
-                q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
             # With a cache, new token i sits at position start + i and sees positions 0 .. start + i.
             visible = None if cache is None or T == 1 else ~self.mask[start:start + T, :start + T]
-            context = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=cache is None,
-                                                     dropout_p=self.dropout.p if self.training else 0.0)
+            context = fused_attention(q, k, v, attn_mask=visible, is_causal=cache is None,
+                                      dropout_p=self.dropout.p if self.training else 0.0)
         out = self.out_proj(context.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
         return (out, weights) if return_weights else out
 
@@ -185,6 +194,8 @@ class GPTModel(nn.Module):
         that follow the cache's `length` tokens; the cache then grows by T."""
         B, T = idx.shape
         start = 0 if cache is None else cache.length
+        if T == 0:
+            raise ValueError(f"idx must hold at least one token per sequence, got shape {tuple(idx.shape)}")
         if start + T > self.cfg["context_length"]:
             raise ValueError(f"sequence length {start + T} ({start} cached + {T} new) exceeds "
                              f"context_length {self.cfg['context_length']}")
@@ -238,13 +249,16 @@ class KVCache:
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=None, generator=None,
-             use_cache=True):
+             use_cache=True, stop=None):
     """Append up to `max_new_tokens` tokens to idx (B, T) and return the longer (B, T') tensor.
 
     temperature 0 picks the most likely token (greedy). temperature > 0 samples from
     softmax(logits / temperature), restricted to the `top_k` most likely tokens when given.
-    Stops early when every sequence has produced `eos_id`. Pass a seeded `torch.Generator`
-    for reproducible samples.
+    A row that has produced `eos_id` is finished: every later position of it holds eos_id. The loop
+    stops early once `stop(finished)` is true, finished being the (B,) bool tensor of finished rows;
+    the default stop is "every row has finished". (Expert parallelism passes a stop that asks every
+    rank, so that all ranks keep stepping together until all are done: utils/parallel.py.)
+    Pass a seeded `torch.Generator` for reproducible samples.
 
     use_cache=True keeps every layer's keys and values in a KVCache: the prompt is processed once
     (prefill), then each step runs only the newest token (decode). It gives the same tokens as
@@ -253,6 +267,11 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=Non
     each step, so the whole window is recomputed, cache or not. (With the GPT's learned absolute
     positions this is required; with RoPE, utils/modern.py, it keeps the two paths identical.)
     """
+    if idx.dim() != 2 or idx.shape[1] == 0:
+        raise ValueError(f"idx must be a (batch, tokens) tensor holding at least one prompt token per row, "
+                         f"got shape {tuple(idx.shape)}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and not 1 <= top_k <= model.cfg["vocab_size"]:
@@ -263,8 +282,17 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=Non
         # other assignments than the full sequence does.
         raise ValueError(f"use_cache=True needs dropless MoE layers, but a layer has capacity_factor="
                          f"{limited[0].capacity_factor}: set it to None or pass use_cache=False")
+    stop = stop or (lambda finished: bool(finished.all()))
     was_training = model.training
     model.eval()
+    try:
+        return _generate_loop(model, idx, max_new_tokens, temperature, top_k, eos_id, generator, use_cache, stop)
+    finally:
+        model.train(was_training)                    # restored even when the model raises
+
+
+def _generate_loop(model, idx, max_new_tokens, temperature, top_k, eos_id, generator, use_cache, stop):
+    """The decoding loop of generate (in eval mode, arguments checked)."""
     context_length = model.cfg["context_length"]
     cache = None
     if use_cache and idx.shape[1] <= context_length:
@@ -286,10 +314,10 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=Non
                 logits = logits.masked_fill(logits < kth_best, float("-inf"))
             probs = torch.softmax(logits, dim=-1)
             next_id = torch.multinomial(probs, num_samples=1, generator=generator)
-        idx = torch.cat([idx, next_id], dim=1)
         if eos_id is not None:
+            next_id = next_id.masked_fill(finished[:, None], eos_id)     # a finished row only pads
             finished |= next_id.squeeze(1) == eos_id
-            if finished.all():
-                break
-    model.train(was_training)
+        idx = torch.cat([idx, next_id], dim=1)
+        if eos_id is not None and stop(finished):
+            break
     return idx

@@ -15,10 +15,9 @@ A model is one plain dict like the GPT's; its keys, defaults and checks are in u
 """
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .config import is_moe_block, validate_modern_config
-from .gpt import KVCache, generate  # noqa: F401  (generate works on ModernMoEModel as it is)
+from .gpt import KVCache, fused_attention, generate  # noqa: F401  (generate works on ModernMoEModel as it is)
 from .moe import Experts, make_moe
 
 
@@ -130,8 +129,7 @@ class GroupedQueryAttention(nn.Module):
         visible = None
         if start > 0 and T > 1:
             visible = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=start == 0 and T > 1,
-                                                 scale=self.scale)
+        context = fused_attention(q, k, v, attn_mask=visible, is_causal=start == 0 and T > 1, scale=self.scale)
         return self.out_proj(context.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -198,6 +196,8 @@ class ModernMoEModel(nn.Module):
         the cache's `length` tokens, and the cache grows by T."""
         B, T = idx.shape
         start = 0 if cache is None else cache.length
+        if T == 0:
+            raise ValueError(f"idx must hold at least one token per sequence, got shape {tuple(idx.shape)}")
         if start + T > self.cfg["context_length"]:
             raise ValueError(f"sequence length {start + T} ({start} cached + {T} new) exceeds "
                              f"context_length {self.cfg['context_length']}")

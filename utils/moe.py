@@ -49,7 +49,8 @@ class TopKRouter(nn.Module):
     """Scores every expert for every token and keeps the k best.
 
     x: (N, D) -> (logits, scores, probs), each (N, E), and (topk_idx, topk_weight), each (N, k).
-    The router runs in float32 even when the model runs in lower precision: small differences
+    The router runs in float32 even when the model runs in lower precision (bfloat16 weights, or
+    torch.autocast), and in float64 when the model is cast to it: small differences
     between logits decide which expert wins. Its gate weight and expert_bias also stay float32
     when the model is cast with .to(torch.bfloat16) or .half() (see _apply), as transformers keeps
     DeepSeek-V3's and Nemotron-H's (their _keep_in_fp32_modules_strict): next to a bias of 0.6,
@@ -75,13 +76,13 @@ class TopKRouter(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """nn.Module applies `fn` (the cast of .to(), .half(), .cuda(), ...) to every parameter and
-        buffer through this method. Here a float32 tensor takes the device `fn` gives it but keeps
-        its dtype and exact values."""
+        buffer through this method. Here a float32 tensor that `fn` would cast to 16 bits takes the
+        device `fn` gives it but keeps its dtype and exact values."""
         def keep_float32(t):
             moved = fn(t)
-            if t.dtype == torch.float32 and moved.dtype != torch.float32 and moved.is_floating_point():
+            if t.dtype == torch.float32 and moved.dtype in (torch.bfloat16, torch.float16):
                 return t.to(device=moved.device)
-            return moved
+            return moved                         # float64 (.double(), gradcheck) is kept: it is more precise
         return super()._apply(keep_float32, recurse)
 
     def select(self, scores):
@@ -97,7 +98,11 @@ class TopKRouter(nn.Module):
         return biased.topk(self.top_k, dim=-1).indices
 
     def forward(self, x):
-        logits = F.linear(x.float(), self.gate.weight.float())
+        # At least float32, whatever the input; and autocast (bfloat16 mixed precision) must not
+        # lower the logits' precision either.
+        dtype = torch.promote_types(torch.promote_types(x.dtype, self.gate.weight.dtype), torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.to(dtype), self.gate.weight.to(dtype))
         if self.router_type == "softmax":
             scores = torch.softmax(logits, dim=-1)
             probs = scores
@@ -250,6 +255,8 @@ def capacity_keep_mask(topk_idx, num_experts, capacity, priority="position"):
     if priority not in CAPACITY_PRIORITIES:
         raise ValueError(f"priority must be one of {CAPACITY_PRIORITIES}, got {priority!r}")
     k = topk_idx.shape[-1]
+    if topk_idx.numel() == 0:
+        return torch.ones_like(topk_idx, dtype=torch.bool)
     if priority == "position":
         T = topk_idx.shape[-2]
         queues = topk_idx.reshape(-1, T * k)                             # (B, T*k): token-major per sequence
@@ -269,6 +276,8 @@ def load_balancing_loss(probs, topk_idx):
     reached when all tokens go to the same k experts and put all their probability on them.
     """
     E = probs.shape[-1]
+    if topk_idx.numel() == 0:
+        return probs.sum() * 0.0                 # no tokens: nothing to balance (0, still in the graph)
     f = torch.bincount(topk_idx.reshape(-1), minlength=E).float() / topk_idx.numel()
     return E * torch.sum(f * probs.mean(dim=0))
 
@@ -282,6 +291,8 @@ def sequence_balance_loss(probs, topk_idx, batch_size):
     """
     N, E = probs.shape
     k = topk_idx.shape[1]
+    if N == 0:
+        return probs.sum() * 0.0                 # no tokens: nothing to balance
     T = N // batch_size
     counts = F.one_hot(topk_idx, E).sum(1).view(batch_size, T, E).sum(1).float()   # (B, E)
     f = counts * E / (k * T)
@@ -290,7 +301,10 @@ def sequence_balance_loss(probs, topk_idx, batch_size):
 
 
 def router_z_loss(logits):
-    """ST-MoE z-loss: mean squared log-sum-exp of the router logits; keeps logits small and stable."""
+    """ST-MoE z-loss: mean squared log-sum-exp of the router logits; keeps logits small and stable.
+    logits: (N, E); 0 when N = 0."""
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
     return torch.logsumexp(logits, dim=-1).pow(2).mean()
 
 
@@ -482,7 +496,8 @@ def upcycle(dense_model, cfg):
             experts.b_in.copy_(fc1.bias.expand_as(experts.b_in))
             experts.w_out.copy_(fc2.weight.expand_as(experts.w_out))     # (E, D, H) <- (D, H)
             experts.b_out.copy_(fc2.bias.expand_as(experts.b_out))
-    return model.to(next(dense_model.parameters()).device)
+    reference = next(dense_model.parameters())
+    return model.to(reference.device, reference.dtype)         # the router stays float32 (TopKRouter._apply)
 
 
 @torch.no_grad()
@@ -508,11 +523,15 @@ def routing_stats(probs, topk_idx, keep=None):
     dropped_fraction   share of the N*k assignments dropped by the capacity limit,
     router_entropy     mean entropy of the router distribution, in nats (ln E = undecided),
     topk_idx           (N, k) the chosen experts.
+    A batch without tokens (N = 0) has zero loads, imbalance 1.0, nothing dropped and entropy 0.
     """
     E = probs.shape[-1]
     keep = torch.ones_like(topk_idx, dtype=torch.bool) if keep is None else keep
     counts = torch.bincount(topk_idx[keep], minlength=E)
     p = probs.detach()
+    if topk_idx.shape[0] == 0:                   # no tokens: no load, nothing dropped, nothing to decide
+        return {"tokens_per_expert": counts, "load_imbalance": 1.0, "dropped_fraction": 0.0,
+                "router_entropy": 0.0, "topk_idx": topk_idx.detach()}
     return {
         "tokens_per_expert": counts,
         "load_imbalance": (counts.max() / counts.float().mean()).item(),

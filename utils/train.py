@@ -43,20 +43,26 @@ def lr_at(step, max_steps, peak_lr, warmup_steps, min_lr):
 
 @torch.no_grad()
 def evaluate(model, loader, max_batches=None, device=None):
-    """Mean language-model loss over (up to max_batches of) a loader, in eval mode."""
+    """Mean language-model loss per token over (up to max_batches of) a loader, in eval mode.
+
+    Every target token counts once: a partial last batch weighs by its tokens, not as a whole batch.
+    """
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total, n = 0.0, 0
-    for i, (x, y) in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        total += lm_loss(model(x.to(device)), y.to(device)).item()
-        n += 1
-    model.train(was_training)
-    if n == 0:
-        raise ValueError("the validation loader produced no batches")
-    return total / n
+    total, tokens = 0.0, 0
+    try:
+        for i, (x, y) in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            total += lm_loss(model(x.to(device)), y.to(device)).item() * y.numel()
+            tokens += y.numel()
+    finally:
+        model.train(was_training)
+    if tokens == 0:
+        raise ValueError("the validation loader produced no batches (too few windows for one batch with "
+                         "drop_last=True?)")
+    return total / tokens
 
 
 def parameter_groups(model, weight_decay):
@@ -67,21 +73,30 @@ def parameter_groups(model, weight_decay):
     tuple of names; nn.Linear and nn.Embedding weights always are. Deciding by role rather than by
     tensor rank matters for stacked experts, whose biases are 2-D (E, H) but are still biases.
     """
-    decay, no_decay = [], []
+    decay, no_decay, seen = [], [], set()
     for module in model.modules():
         decayed = set(getattr(module, "decayed_parameters", ()))
         if isinstance(module, (nn.Linear, nn.Embedding)):
             decayed.add("weight")
         for name, p in module.named_parameters(recurse=False):
-            if p.requires_grad:
+            if p.requires_grad and id(p) not in seen:      # a tied weight (one tensor, two modules) once
+                seen.add(id(p))
                 (decay if name in decayed else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _batches(loader):
-    """Loop over the loader forever (a new shuffled epoch each time round)."""
+    """Loop over the loader forever (a new shuffled epoch each time round). A loader that yields
+    nothing in a whole pass raises a ValueError instead of looping forever."""
     while True:
-        yield from loader
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("train_loader produced no batches: too few windows for one batch with "
+                             "drop_last=True, or a one-shot iterator that is used up (pass a DataLoader, "
+                             "or an iterator that yields at least max_steps batches)")
 
 
 def train(model, train_loader, val_loader, max_steps, peak_lr=1e-3, min_lr=None, warmup_steps=None,
@@ -94,8 +109,9 @@ def train(model, train_loader, val_loader, max_steps, peak_lr=1e-3, min_lr=None,
     mean LM loss since the previous evaluation. history["lr"] has one entry per step.
     `after_step(model, step)` is called after every optimizer step (e.g. to update router biases).
     """
-    if max_steps <= 0 or eval_every <= 0:
-        raise ValueError(f"max_steps and eval_every must be positive, got {max_steps}, {eval_every}")
+    for name, value in (("max_steps", max_steps), ("eval_every", eval_every)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     device = torch.device(device) if device is not None else get_device()
     torch.manual_seed(seed)  # dropout masks
     model.to(device).train()
