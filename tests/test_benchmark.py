@@ -18,14 +18,30 @@ def test_dense_equivalent_has_the_active_expert_parameters(expert_type):
     assert dense(torch.randn(2, 3, 16)).shape == (2, 3, 16)
 
 
-def test_benchmark_runs_every_module_and_reports_ratios():
+class Sleeper(torch.nn.Module):
+    """A layer whose forward pass takes at least `seconds` and whose backward pass is counted."""
+
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds, self.scale, self.backwards = seconds, torch.nn.Parameter(torch.ones(())), 0
+
+    def forward(self, x):
+        import time
+        time.sleep(self.seconds)
+        y = x * self.scale
+        y.register_hook(lambda grad: setattr(self, "backwards", self.backwards + 1))
+        return y
+
+
+def test_benchmark_times_forward_and_backward_of_every_module_and_reports_ratios():
     torch.manual_seed(0)
-    modules = {"dense": DenseEquivalent(CFG), "sorted": MoEFeedForward(CFG),
-               "loop": MoEFeedForward({**CFG, "moe_dispatch": "loop"})}
-    times = time_forward_backward(modules, torch.randn(2, 8, 16), repeats=2, warmup=1)
-    assert set(times) == set(modules) and all(t > 0 for t in times.values())
-    r = ratios(times, "dense")
-    assert r["dense"] == 1.0 and r["sorted"] == pytest.approx(times["sorted"] / times["dense"])
+    modules = {"fast": Sleeper(0.0), "slow": Sleeper(0.02), "sorted": MoEFeedForward(CFG)}
+    times = time_forward_backward(modules, torch.randn(2, 8, 16), repeats=3, warmup=1)
+    assert set(times) == set(modules)
+    assert times["slow"] >= 0.02 > times["fast"] > 0                 # a sleep of 20 ms is never shorter
+    assert modules["slow"].backwards == modules["fast"].backwards == 4   # warmup + repeats backward passes
+    r = ratios(times, "fast")
+    assert r["fast"] == 1.0 and r["slow"] > 1.0
     assert all(p.grad is None for m in modules.values() for p in m.parameters())  # left clean
     with pytest.raises(ValueError, match="empty"):
         time_calls({})
@@ -72,11 +88,11 @@ def test_synchronize_waits_for_the_inputs_device(monkeypatch):
     assert calls == [("cuda", torch.device("cuda", 1)), ("mps", None)]
 
 
-def test_sorted_dispatch_is_faster_than_transformers_mixtral_block():
-    """The comparison notebook 05 quotes: our sorted dispatch vs transformers' MixtralSparseMoeBlock on
-    identical weights, course size (8 SwiGLU experts of 4D, top-2), forward+backward, as ratios to the
-    dense MLP with the same active FLOPs. Measured on the development machine (2-core x86-64, torch
-    2.13): ours about 1.3x, Mixtral's about 1.6-1.7x; the assert keeps a 25% margin below that gap."""
+def test_sorted_dispatch_equals_transformers_mixtral_block_and_reports_the_speed_of_both():
+    """Our sorted dispatch next to transformers' MixtralSparseMoeBlock on identical weights, course size
+    (8 SwiGLU experts of 4D, top-2): the outputs must agree. Their forward+backward times, as ratios
+    to the dense MLP with the same active FLOPs, are printed but not asserted: transformers' block
+    changes from release to release, and a race against it would test their code, not ours."""
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
@@ -94,10 +110,9 @@ def test_sorted_dispatch_is_faster_than_transformers_mixtral_block():
     with torch.no_grad():
         theirs = mixtral(x)
         assert torch.allclose(ours(x), theirs[0] if isinstance(theirs, tuple) else theirs, atol=1e-5)
-    times = time_forward_backward({"dense": DenseEquivalent(cfg), "ours": ours, "mixtral": mixtral}, x, repeats=10)
-    r = ratios(times, "dense")
-    print({name: round(v, 2) for name, v in r.items()})
-    assert r["ours"] * 1.1 < r["mixtral"]
+    times = time_forward_backward({"dense": DenseEquivalent(cfg), "ours": ours, "mixtral": mixtral}, x, repeats=5)
+    print("forward+backward time / active-matched dense MLP:",
+          {name: round(v, 2) for name, v in ratios(times, "dense").items()})
 
 
 def test_kv_cache_speeds_up_decoding_at_least_2x():
@@ -112,6 +127,6 @@ def test_kv_cache_speeds_up_decoding_at_least_2x():
     times = time_calls({use: (lambda use=use: generate(model, prompts, 200, use_cache=use)) for use in (True, False)},
                        repeats=3, warmup=1)
     speedup = times[False] / times[True]
-    # measured 4.3x on one core of the development CPU; batch 1 is slower to gain (2.6x there), as a
-    # decode step of a model this small costs mostly per-operation overhead
+    # batch 1 gains less than this batch of 4: a decode step of a model this small costs mostly
+    # per-operation overhead, which the cache does not remove
     assert speedup > 2.0, f"the cache sped decoding up only {speedup:.2f}x"

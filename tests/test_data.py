@@ -42,8 +42,8 @@ def test_windows_are_shifted_by_one():
     x, y = ds[3]
     assert x.tolist() == list(range(12, 20))
     assert y.tolist() == list(range(13, 21))
-    x_last, y_last = ds[len(ds) - 1]
-    assert y_last[-1] <= 99
+    x_last, y_last = ds[len(ds) - 1]                     # starts at 22 * 4 = 88; one at 92 would need token 100
+    assert x_last.tolist() == list(range(88, 96)) and y_last.tolist() == list(range(89, 97))
     with pytest.raises(IndexError):
         ds[len(ds)]
     with pytest.raises(ValueError, match="context_length"):

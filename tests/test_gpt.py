@@ -171,6 +171,65 @@ def test_generate_stops_at_eos():
     assert generate(model, idx, 10, eos_id=first).shape == (1, 4)
 
 
+def test_rows_that_finished_hold_eos_and_the_others_go_on():
+    torch.manual_seed(0)
+    model = GPTModel(TINY)
+    prompts = torch.randint(0, 97, (4, 3))
+    free = generate(model, prompts, 12)                                    # no eos: 12 new tokens each
+    eos = free[0, 3 + 2].item()                                            # row 0's third new token
+    out = generate(model, prompts, 12, eos_id=eos)
+    for row, free_row in zip(out, free):
+        new, free_new = row[3:].tolist(), free_row[3:].tolist()
+        stop = free_new.index(eos) + 1 if eos in free_new else len(free_new)
+        assert new[:stop] == free_new[:stop]                               # identical up to its eos
+        assert all(t == eos for t in new[stop:])                           # then only eos
+    assert out.shape[1] == 3 + 12 or all(eos in r[3:].tolist() for r in out)
+    # A stop rule of one's own: stop when any row has finished.
+    first_stop = generate(model, prompts, 12, eos_id=eos, stop=lambda finished: bool(finished.any()))
+    assert first_stop.shape[1] == 3 + 3 and first_stop[0, -1].item() == eos
+
+
+def test_generate_refuses_an_empty_prompt_and_restores_train_mode_on_errors():
+    torch.manual_seed(0)
+    model = GPTModel(TINY).train()
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        generate(model, torch.zeros(1, 0, dtype=torch.long), 5)
+    with pytest.raises(ValueError, match="at least one token"):
+        model(torch.zeros(2, 0, dtype=torch.long))
+    bad = torch.tensor([[1, 2, 500]])                                      # 500 >= vocab_size: the model raises
+    with pytest.raises(IndexError):
+        generate(model, bad, 3)
+    assert model.training                                                  # left as it was
+
+
+def test_both_attentions_hand_contiguous_inputs_to_sdpa_where_the_device_needs_them(monkeypatch):
+    # pytorch#181133: on MPS, SDPA gave wrong values for transposed inputs. The rule is tested on
+    # the CPU by declaring the CPU such a device and recording what reaches SDPA.
+    import utils.gpt
+    from utils.modern import GroupedQueryAttention, rope_cos_sin, rope_inverse_frequencies
+    from utils.config import validate_modern_config
+
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, **kwargs):
+        seen.append(all(t.is_contiguous() for t in (q, k, v)))
+        return real(q, k, v, **kwargs)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    cfg = validate_modern_config({"vocab_size": 50, "context_length": 16, "emb_dim": 32, "n_heads": 4,
+                                  "n_kv_heads": 2, "n_layers": 1, "ffn_hidden_dim": 64})
+    gqa = GroupedQueryAttention(cfg)
+    mha = MultiHeadAttention(32, 32, 16, 4)
+    x = torch.randn(2, 6, 32)
+    cos, sin = rope_cos_sin(torch.arange(6), rope_inverse_frequencies(8, 10000.0))
+    mha(x), gqa(x, cos, sin)
+    assert seen == [False, False]                    # the CPU needs no copies: the views go as they are
+    monkeypatch.setattr(utils.gpt, "CONTIGUOUS_SDPA_DEVICES", ("cpu",))
+    seen.clear()
+    mha(x), gqa(x, cos, sin)
+    assert seen == [True, True]
+
+
 CACHE_BASE = {**TINY, "context_length": 32}
 CACHE_MOE = {**CACHE_BASE, "num_experts": 4, "num_experts_per_tok": 2, "moe_hidden_dim": 32}
 CACHE_MODELS = {

@@ -217,7 +217,11 @@ def test_shared_experts_equal_one_wide_mlp_and_are_always_active():
     x = torch.randn(1, 5, 16)
     routed_only = MoEFeedForward({**cfg, "num_shared_experts": 0})
     routed_only.load_state_dict({k: v for k, v in moe.state_dict().items() if not k.startswith("shared")})
-    assert torch.allclose(moe(x) - routed_only(x), moe.shared_expert.dense(x), atol=1e-6)
+    # The shared expert written out as one GELU MLP of width 2 * 8 from its weight tensors:
+    w_in, b_in, w_out, b_out = (getattr(moe.shared_expert, n)[0] for n in ("w_in", "b_in", "w_out", "b_out"))
+    by_hand = torch.nn.functional.gelu(x @ w_in.T + b_in, approximate="tanh") @ w_out.T + b_out
+    assert torch.allclose(moe(x) - routed_only(x), by_hand, atol=1e-6)
+    assert by_hand.abs().min() > 0                                         # it acts on every token
 
 
 def nemotron_pair(latent, seed=0):

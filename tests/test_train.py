@@ -56,14 +56,17 @@ def test_training_is_deterministic():
 
 
 def test_aux_loss_is_added_and_after_step_is_called():
+    # The auxiliary term pulls a parameter that the language-model loss never touches towards 1:
+    # it moves only if train() back-propagates the aux loss together with the LM loss.
     class WithAux(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.gpt = GPTModel(TINY)
+            self.pulled = torch.nn.Parameter(torch.zeros(()))
             self.aux_loss = None
 
         def forward(self, idx):
-            self.aux_loss = 0.0 * self.gpt.tok_emb.weight.sum() + 0.25
+            self.aux_loss = (self.pulled - 1.0) ** 2
             return self.gpt(idx)
 
     model = WithAux()
@@ -72,12 +75,77 @@ def test_aux_loss_is_added_and_after_step_is_called():
     h = train(model, *loaders(), max_steps=3, eval_every=3, device="cpu", verbose=False,
               after_step=lambda m, step: calls.append(step))
     assert calls == [1, 2, 3]
-    assert h["aux_loss"] == pytest.approx([0.25] * 3)
+    assert h["aux_loss"][0] == pytest.approx(1.0)
+    assert 0.0 < model.pulled.item() < 1.0 and h["aux_loss"][-1] < h["aux_loss"][0]
+
+
+def run_or_fail_after(seconds, fn):
+    """fn(), failing the test instead of hanging if it has not returned within `seconds`."""
+    import signal
+
+    def hung(signum, frame):
+        raise AssertionError(f"did not return within {seconds} s")
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        return fn()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_loader_without_batches_raises_instead_of_hanging():
+    ids = torch.arange(2000) % 23
+    val = loaders()[1]
+    too_short = create_dataloader(ids[:50], batch_size=8, context_length=16)   # 2 windows, drop_last
+    with pytest.raises(ValueError, match="train_loader produced no batches"):
+        run_or_fail_after(30, lambda: train(GPTModel(TINY), too_short, val, max_steps=2, device="cpu", verbose=False))
+    one_shot = iter(list(create_dataloader(ids, 8, 16))[:2])                 # 2 batches for 5 steps
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        run_or_fail_after(30, lambda: train(GPTModel(TINY), one_shot, val, max_steps=5, device="cpu", verbose=False))
+    with pytest.raises(ValueError, match="validation loader produced no batches"):
+        evaluate(GPTModel(TINY), too_short)
+
+
+def test_evaluate_is_the_mean_over_tokens_not_over_batches():
+    torch.manual_seed(0)
+    model = GPTModel(TINY).eval()
+    ids = torch.arange(200) % 23
+    loader = create_dataloader(ids, 5, 16, shuffle=False, drop_last=False)  # 12 windows: 5 + 5 + 2
+    assert [len(x) for x, _ in loader] == [5, 5, 2]
+    x = torch.cat([x for x, _ in loader])
+    y = torch.cat([y for _, y in loader])
+    with torch.no_grad():
+        every_token = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
+    assert evaluate(model, loader) == pytest.approx(every_token, abs=1e-5)
+
+
+def test_tied_weights_are_optimised_once():
+    from utils.modern import ModernMoEModel
+    from utils.train import parameter_groups
+
+    cfg = {"vocab_size": 50, "context_length": 16, "emb_dim": 32, "n_heads": 4, "n_layers": 1,
+           "num_experts": 4, "num_experts_per_tok": 2, "moe_hidden_dim": 16, "tie_embeddings": True}
+    torch.manual_seed(0)
+    model = ModernMoEModel(cfg)
+    assert model.out_head.weight is model.tok_emb.weight
+    grouped = [p for group in parameter_groups(model, 0.1) for p in group["params"]]
+    assert len(grouped) == len({id(p) for p in grouped}) == len(list(model.parameters()))
+    optimizer = torch.optim.AdamW(parameter_groups(model, 0.0), lr=0.01)
+    before = model.tok_emb.weight.detach().clone()
+    model(torch.randint(0, 50, (2, 8))).sum().backward()
+    optimizer.step()
+    assert optimizer.state[model.tok_emb.weight]["step"] == 1
+    # Adam's first step moves every weight with a gradient by lr (0.01), not twice that.
+    assert (model.tok_emb.weight - before).abs().max().item() == pytest.approx(0.01, rel=1e-3)
 
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="max_steps"):
         train(GPTModel(TINY), *loaders(), max_steps=0)
+    for bad in (0, -5, 2.5):
+        with pytest.raises(ValueError, match="eval_every must be a positive integer"):
+            train(GPTModel(TINY), *loaders(), max_steps=3, eval_every=bad)
 
 
 def test_parameter_groups_decay_weight_matrices_only():
