@@ -9,9 +9,11 @@ transformers. Offline: nothing is downloaded.
 """
 import json
 import math
+import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -101,14 +103,19 @@ def test_logits_and_greedy_tokens_equal_transformers(saved, family, variant):
     ours = load_hf_checkpoint(path)
     assert not ours.training
     idx = tokens(ref.config.vocab_size)
+    idx[0, 0] = idx[:, 3] = 0                        # token id 0 is a token like any other, also first
     with torch.no_grad():
         expected = ref(idx).logits
         got = ours(idx)
     assert expected.abs().max() > 0.5                # the weights are not near zero
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
-    hf_tokens = ref.generate(idx[:, :8], max_new_tokens=12, do_sample=False, pad_token_id=0)
-    assert torch.equal(generate(ours, idx[:, :8], 12), hf_tokens)
-    assert torch.equal(generate(ours, idx[:, :8], 12, use_cache=False), hf_tokens)
+    # pad_token_id=0 is a token of the prompt: without an explicit attention_mask, transformers would
+    # infer one from it and mask those prompt tokens as padding. No token here is padding: all ones.
+    prompt = idx[:, :8]
+    hf_tokens = ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                             pad_token_id=0)
+    assert torch.equal(generate(ours, prompt, 12), hf_tokens)
+    assert torch.equal(generate(ours, prompt, 12, use_cache=False), hf_tokens)
 
 
 def _captured(ref, idx, module_names):
@@ -206,16 +213,47 @@ def test_round_trip_through_save_loads_in_transformers(saved, family, tmp_path):
     assert not (single / "model.safetensors.index.json").exists()
 
 
-def test_bfloat16_loading_keeps_the_router_in_float32(saved):
-    ref, path = saved["qwen3_moe", "a"]
+@pytest.mark.parametrize("variant", ["a", "b"])
+def test_bfloat16_loading_keeps_the_router_in_float32(saved, variant):
+    """Loaded in bfloat16, every router still computes float32 logits from float32 weights: fed the
+    bfloat16 hidden states the bf16 model's MoE layers receive, it chooses exactly the experts the
+    float32 load's router chooses for them. A router with bfloat16 weights, or one computing in
+    bfloat16, chooses differently for some of these tokens (checked below: the test can fail)."""
+    ref, path = saved["qwen3_moe", variant]
     ours = load_hf_checkpoint(path, dtype="bfloat16")
+    full = load_hf_checkpoint(path, dtype="float32")
     assert ours.tok_emb.weight.dtype == torch.bfloat16
-    assert ours.trf_blocks[0].ff.router.gate.weight.dtype == torch.float32
-    assert ours.trf_blocks[0].ff.experts.w_in.dtype == torch.bfloat16
-    idx = tokens(ref.config.vocab_size)
+    moe = [block.ff for block in ours.trf_blocks if isinstance(block.ff, checkpoints.MoEFeedForward)]
+    assert moe and all(ff.experts.w_in.dtype == torch.bfloat16 for ff in moe)
+    routers = [ff.router for ff in moe]
+    routers32 = [block.ff.router for block in full.trf_blocks if isinstance(block.ff, checkpoints.MoEFeedForward)]
+    assert all(r.gate.weight.dtype == torch.float32 for r in routers)
+    calls = []                                          # (router input, logits, chosen experts) per MoE layer
+    hooks = [r.register_forward_hook(lambda module, args, out: calls.append((args[0], out[0], out[3])))
+             for r in routers]
+    idx = tokens(ref.config.vocab_size, shape=(64, ref.config.max_position_embeddings))
+    try:
+        with torch.no_grad():
+            ours(idx)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(calls) == len(routers)
+    would_change = 0
     with torch.no_grad():
-        diff = (ours(idx).float() - ref(idx).logits).abs()
-    assert diff.mean() < 0.1 * ref(idx).logits.abs().mean()
+        for (x, logits, chosen), router32 in zip(calls, routers32):
+            assert x.dtype == torch.bfloat16                 # the layer ran in bfloat16 ...
+            assert logits.dtype == torch.float32             # ... its router did not
+            logits32, _, _, chosen32, _ = router32(x.float())
+            assert torch.equal(logits, logits32)
+            assert torch.equal(chosen, chosen32)
+            rounded = F.linear(x.float(), router32.gate.weight.bfloat16().float())   # bfloat16 router weights
+            picked = rounded.topk(chosen32.shape[-1], dim=-1).indices
+            would_change += (picked.sort(-1).values != chosen32.sort(-1).values).any(-1).sum().item()
+    assert would_change > 0
+    with torch.no_grad():
+        diff = (ours(idx[:2]).float() - ref(idx[:2]).logits).abs()
+    assert diff.mean() < 0.1 * ref(idx[:2]).logits.abs().mean()
     assert load_hf_checkpoint(path, dtype=torch.float16).tok_emb.weight.dtype == torch.float16
 
 
@@ -319,6 +357,65 @@ def test_bad_checkpoints_give_clear_errors(saved, tmp_path):
         load_hf_checkpoint(path, dtype="int8")
     with pytest.raises(ValueError, match="has no hf_config"):
         save_hf_checkpoint(ModernMoEModel(config_from_hf(json.loads((path / "config.json").read_text()))), tmp_path / "x")
+
+
+def test_a_path_to_a_file_asks_for_the_directory(saved, tmp_path):
+    _, path = saved["mixtral", "b"]                                  # sharded: it has an index too
+    for part in ("config.json", "model.safetensors.index.json", next(path.glob("*.safetensors")).name):
+        with pytest.raises(NotADirectoryError, match=r"is a file: the loader needs the model's directory, the one "
+                                                     r"that holds config\.json and the \*\.safetensors files; this "
+                                                     r"file is part of one: pass its folder, " + re.escape(str(path))):
+            load_hf_checkpoint(path / part)
+    other = tmp_path / "notes.txt"
+    other.write_text("not a model")
+    with pytest.raises(NotADirectoryError, match=r"notes\.txt is a file: the loader needs the model's dir") as err:
+        load_hf_checkpoint(other)
+    assert "pass its folder" not in str(err.value)                   # no hint for a file that is not one of its parts
+
+
+FP8 = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [128, 128]}
+
+
+def test_a_quantized_checkpoint_is_refused_before_any_tensor_is_read(saved, tmp_path, monkeypatch):
+    """An FP8 checkpoint as Qwen3-30B-A3B-FP8 and DeepSeek-V3 ship it: the linear layers' weights in
+    float8_e4m3fn, each with a weight_scale_inv (one float32 scale per 128 x 128 block) that gives
+    the weights their values. Copying those float8 numbers without their scales gives wrong weights:
+    the config's quantization_config is refused first, and no file is opened."""
+    import shutil
+
+    _, path = saved["qwen3_moe", "a"]
+    fp8 = tmp_path / "fp8"
+    shutil.copytree(path, fp8)
+    config = json.loads((fp8 / "config.json").read_text())
+    (fp8 / "config.json").write_text(json.dumps({**config, "quantization_config": FP8}))
+
+    def quantize(tensors):
+        for name in [n for n in tensors if n.endswith("proj.weight")]:
+            out, inp = tensors[name].shape
+            tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+            tensors[name + "_scale_inv"] = torch.ones(math.ceil(out / 128), math.ceil(inp / 128))
+
+    _rewrite(fp8, quantize)
+    opened = []
+    real_safe_open = checkpoints.safe_open
+    monkeypatch.setattr(checkpoints, "safe_open", lambda *a, **kw: opened.append(a) or real_safe_open(*a, **kw))
+    with pytest.raises(ValueError, match=r"quantization_config \(quant_method 'fp8'\): quantised checkpoints are not "
+                                         r"supported yet"):
+        load_hf_checkpoint(fp8)
+    assert opened == []
+
+
+@pytest.mark.parametrize("quantization", [FP8, {"quant_method": "mxfp4"}, {"quant_method": "gptq", "bits": 4},
+                                          {"quant_method": "bitsandbytes", "load_in_4bit": True}, {}])
+def test_config_from_hf_refuses_a_quantization_config(quantization):
+    hf = dict(model_type="mixtral", vocab_size=10, hidden_size=8, num_attention_heads=2, num_hidden_layers=1,
+              max_position_embeddings=32, rms_norm_eps=1e-5, num_local_experts=2, num_experts_per_tok=1,
+              intermediate_size=4, quantization_config=quantization)
+    message = rf"quant_method {quantization.get('quant_method')!r}\): quantised checkpoints are not supported"
+    for build in (config_from_hf, model_from_hf_config):
+        with pytest.raises(ValueError, match=message):
+            build(hf)
+    assert config_from_hf({**hf, "quantization_config": None})["num_experts"] == 2     # null: not quantised
 
 
 def test_config_from_hf_refuses_what_the_decoder_does_not_implement():

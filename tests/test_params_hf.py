@@ -425,23 +425,67 @@ def test_kv_cache_errors_name_the_field():
         kv_cache_bytes(raw_config("llama4_text", attention_chunk_size=1), 100)
 
 
-@pytest.mark.parametrize("name", ["granite-3.1-1b-a400m", "mixtral-8x7b", "olmoe-1b-7b", "qwen1.5-moe-a2.7b",
-                                  "qwen3-30b-a3b", "qwen3-235b-a22b"])
+def transformers_moe_layer(config):
+    """The MoE layer of a config.json as transformers builds and runs it, read from its modules, not
+    from any reading of the config: the model is built on the meta device for the shapes, and one
+    router is built for real, with random weights, to see what it computes. Returns the course's
+    keys for it and the indices of the MoE layers."""
+    config = {k: v for k, v in config.items() if k not in ("architectures", "auto_map")}
+    hf = AutoConfig.for_model(**config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf)
+    routers = [(name, module) for name, module in model.named_modules() if type(module).__name__.endswith("TopKRouter")]
+    layers = [int(name.split("model.layers.")[1].split(".")[0]) for name, _ in routers]
+    name, router = routers[0]
+    block = model.get_submodule(name.rsplit(".", 1)[0])
+    E, D = router.weight.shape
+    experts = block.experts
+    hidden = experts.down_proj.shape[-1]
+    gated = tuple(experts.gate_up_proj.shape) == (E, 2 * hidden, D)        # SiLU(x W_gate) * (x W_up)
+    probe = torch.linspace(-4, 4, 33)
+    assert gated and torch.allclose(experts.act_fn(probe), torch.nn.functional.silu(probe))
+    # The router, run: which probabilities its k weights are, and whether they are renormalised.
+    torch.manual_seed(0)
+    live = type(router)(hf)
+    with torch.no_grad():
+        live.weight.normal_(0, D ** -0.5)                  # logits of order 1: no weight is ~1 by itself
+        logits, weights, chosen = live(torch.randn(256, D))
+    k = chosen.shape[-1]
+    picked = torch.softmax(logits.float(), dim=-1).gather(1, chosen)
+    renormalised = bool(torch.allclose(weights.float().sum(-1), torch.ones(256), atol=1e-5))
+    expected = picked / picked.sum(-1, keepdim=True) if renormalised else picked
+    torch.testing.assert_close(weights.float(), expected, atol=1e-5, rtol=1e-5)   # softmax probabilities
+    shared = getattr(block, "shared_expert", None)
+    shared_width = sum(p.numel() for p in shared.parameters()) // (3 * D) if shared is not None else 0
+    keys = {"router_type": "softmax", "num_experts": E, "num_experts_per_tok": k, "moe_hidden_dim": hidden,
+            "norm_topk_prob": renormalised, "expert_type": "swiglu", "num_shared_experts": int(shared_width > 0),
+            "shared_expert_hidden_dim": shared_width or None,
+            "shared_expert_gate": getattr(block, "shared_expert_gate", None) is not None and shared_width > 0}
+    return keys, layers
+
+
+LOADER_CONFIGS = ["granite-3.1-1b-a400m", "granite-3.1-3b-a800m", "mixtral-8x7b", "mixtral-8x22b", "olmoe-1b-7b",
+                  "qwen1.5-moe-a2.7b", "qwen3-30b-a3b", "qwen3-235b-a22b", "qwen3-coder-480b-a35b"]
+
+
+@pytest.mark.parametrize("name", LOADER_CONFIGS)
 def test_cheat_sheet_keys_agree_with_the_loader_of_notebook_11(name):
-    """config_from_hf (notebook 11's loader) takes its MoE keys from course_moe_keys (notebook 08's
-    cheat-sheet), and the loader is tested logit by logit against transformers: so the cheat-sheet's
-    keys for these families are checked there. Here: the loader passes them through unchanged."""
-    from utils.checkpoints import config_from_hf
+    """course_moe_keys (notebook 08's cheat-sheet) and config_from_hf (notebook 11's loader, which
+    takes its MoE keys from course_moe_keys) against an independent oracle: what transformers builds
+    and computes for the config. E and the widths come from its tensors' shapes, k, renormalisation
+    and softmax scoring from running its router, the shared expert and its gate from its modules,
+    and the MoE layers from where its routers are."""
+    from utils.checkpoints import config_from_hf, model_from_hf_config
     from utils.hf_params import course_moe_keys
+    from utils.moe import MoEFeedForward
 
     config = load_model_config(name)
+    expected, moe_layers = transformers_moe_layer(config)
     keys, loader = course_moe_keys(config), config_from_hf(config)
-    for key in ("router_type", "num_experts", "num_experts_per_tok", "moe_hidden_dim", "norm_topk_prob",
-                "expert_type"):
-        assert keys[key] == loader[key], key
-    for key in ("num_shared_experts", "shared_expert_hidden_dim", "shared_expert_gate"):
-        assert keys[key] == loader.get(key, {"num_shared_experts": 0, "shared_expert_hidden_dim": None,
-                                              "shared_expert_gate": False}[key]), key
+    assert {key: keys[key] for key in expected} == expected
+    assert {key: loader[key] for key in expected} == expected
+    ours = model_from_hf_config(config, device="meta")
+    assert [i for i, block in enumerate(ours.trf_blocks) if isinstance(block.ff, MoEFeedForward)] == moe_layers
 
 
 def test_cheat_sheet_keys_of_deepseek_and_nemotron_match_transformers_configs():

@@ -85,6 +85,35 @@ def test_a_tied_head_is_read_from_the_embedding():
     assert stored_weight_bytes(cfg) - stored_weight_bytes(tied) == 2 * V * D
 
 
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_a_decode_step_reads_every_weight_transformers_builds_but_the_embedding_table(tied, use_bias):
+    """ERNIE 4.5 with use_bias keeps a bias in lm_head, so with a tied head lm_head holds ONLY that
+    bias (vocab_size values) while its weight is the embedding matrix. The shared matrix must still
+    be read, once, as the head. Oracle: transformers' own model (meta device), whose parameters()
+    lists a tied matrix once."""
+    import transformers
+
+    hf = transformers.AutoConfig.for_model(
+        "ernie4_5_moe", vocab_size=1000, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, moe_num_experts=6, moe_k=2, moe_intermediate_size=16, intermediate_size=96,
+        moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_end_index=2, use_bias=use_bias,
+        tie_word_embeddings=tied)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(hf)
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert (head.weight is embedding.weight) == tied and (head.bias is not None) == use_bias
+    stored = sum(p.numel() for p in model.parameters())              # a tied matrix counted once
+    read = stored if tied else stored - embedding.weight.numel()      # tied: the matrix is read as the head
+    config = hf.to_dict()
+    every_expert = decode_step_weight_bytes(config, 1, "float32", experts_touched=6)
+    assert every_expert["total"] == 4 * read
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
+    assert experts == count_parameters(config)["components"]["routed_experts"]
+    one_sequence = decode_step_weight_bytes(config, 1, "float32")["total"]         # k = 2 of the 6 experts
+    assert one_sequence == pytest.approx(4 * (read - experts + experts * 2 / 6))
+
+
 def test_shipped_formats_agree_with_the_configs_that_declare_them():
     declared = 0
     for name in SHIPPED_FORMATS:

@@ -51,13 +51,33 @@ def _rope(hf, model_type):
     return float(theta), partial
 
 
+def refuse_quantized(hf):
+    """Raise a ValueError if a config.json dict declares quantised weights (a quantization_config).
+
+    A quantised checkpoint (FP8 with block scales as in DeepSeek-V3 or Qwen3-FP8, MXFP4, GPTQ,
+    AWQ, bitsandbytes, ...) stores low-precision tensors next to the scales that give them their
+    values (e.g. weight_scale_inv), and often packs several values into one element. Copying such
+    a tensor into a float parameter without its scale gives wrong weights, so it is refused
+    before any tensor is read."""
+    quant = hf.get("quantization_config")
+    if quant is None:
+        return
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    raise ValueError(
+        f"config.json has a quantization_config (quant_method {method!r}): quantised checkpoints are not "
+        f"supported yet. This loader reads unquantised weights only ({', '.join(DTYPES)}): load the "
+        "model's unquantised (e.g. bfloat16) release instead, or dequantise the checkpoint first")
+
+
 def config_from_hf(hf):
     """A Hugging Face config.json dict -> the config dict of utils.modern.ModernMoEModel.
 
-    Raises a ValueError for an unsupported model_type (listing the supported ones) or a feature
-    this decoder does not implement (sliding-window attention, scaled RoPE, an activation other
-    than SiLU), instead of building a model that would compute something else.
+    Raises a ValueError for an unsupported model_type (listing the supported ones), a quantised
+    checkpoint (a quantization_config) or a feature this decoder does not implement
+    (sliding-window attention, scaled RoPE, an activation other than SiLU), instead of building a
+    model that would compute something else.
     """
+    refuse_quantized(hf)
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model_type {model_type!r} is not supported; supported: {list(SUPPORTED_MODEL_TYPES)}")
@@ -203,6 +223,12 @@ def _checkpoint_files(path):
 def read_hf_config(path):
     """The config.json of a model directory, as a dict."""
     path = pathlib.Path(path)
+    if path.is_file():
+        hint = ""
+        if path.name in ("config.json", "model.safetensors.index.json") or path.suffix == ".safetensors":
+            hint = f"; this file is part of one: pass its folder, {path.parent}"
+        raise NotADirectoryError(f"{path} is a file: the loader needs the model's directory, the one that holds "
+                                 f"config.json and the *.safetensors files{hint}")
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     config = path / "config.json"
@@ -231,11 +257,13 @@ def load_hf_checkpoint(path, dtype=None, device="cpu"):
     path: a directory with config.json and *.safetensors (sharded with an index, or not).
     dtype: torch.float32 / bfloat16 / float16 (or their names); None keeps the checkpoint's.
     The routers stay in float32 whatever the dtype (see utils.moe.TopKRouter).
-    Raises FileNotFoundError for a missing directory or file, and ValueError for an unsupported
-    model_type, a tensor of the wrong shape, or tensors missing from or unknown to the model.
+    Raises FileNotFoundError for a missing directory or file, NotADirectoryError for a path to a
+    file, and ValueError for an unsupported model_type, a quantised checkpoint (refused before any
+    tensor is read), a tensor of the wrong shape, or tensors missing from or unknown to the model.
     """
     path = pathlib.Path(path)
     hf = read_hf_config(path)
+    refuse_quantized(hf)                       # before any tensor is read (config_from_hf checks it too)
     files = _checkpoint_files(path)
     model = model_from_hf_config(hf, dtype=_dtype(dtype, hf), device="meta")
     model.to_empty(device=device)              # storage for every weight, once, uninitialised

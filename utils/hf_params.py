@@ -252,6 +252,16 @@ def _nemotron_mtp(cfg, moe_layer, attention, D):
     return n * (2 * D + 2 * D * D + D + sum(D + mixer[kind] for kind in kinds))
 
 
+def ties_word_embeddings(config):
+    """Whether transformers' model of a config.json dict uses the input embedding matrix as the
+    output head's weight (tie_word_embeddings, with the family's default). The head may still hold
+    parameters of its own: ERNIE 4.5 with use_bias keeps a bias of vocab_size values in lm_head."""
+    cfg = text_config(config)
+    mt = cfg["model_type"]
+    # transformers' Nemotron-H never ties its output head to the embedding, whatever the config says.
+    return bool(_field(cfg, "tie_word_embeddings", mt == "ernie4_5_moe")) and mt != "nemotron_h"
+
+
 def count_hf_parameters(config):
     """Total, active and per-component parameters of a Hugging Face config.json dict, as
     `transformers` builds the model. Active counts k of the E routed experts in each MoE layer
@@ -260,8 +270,7 @@ def count_hf_parameters(config):
     cfg = text_config(config)
     mt, f = cfg["model_type"], lambda key, default=REQUIRED: _field(cfg, key, default)
     V, D, L = f("vocab_size"), f("hidden_size"), _num_layers(cfg)
-    # transformers' Nemotron-H never ties its output head to the embedding, whatever the config says.
-    tied = f("tie_word_embeddings", mt == "ernie4_5_moe") and mt != "nemotron_h"
+    tied = ties_word_embeddings(cfg)
     if mt == "nemotron_h":
         kinds = _nemotron_layers(cfg)
         mixers = ["attention" if k == "full_attention" else "recurrent" if k == "linear_attention" else None

@@ -14,6 +14,7 @@ import torch
 from .gpt import KVCache
 from .moe import is_moe_layer, moe_layers
 from .config import validate_model_config
+from .hf_params import ties_word_embeddings
 from .params import count_parameters, moe_layer_shape
 
 # Bits per stored weight, per parameter component of utils.params.count_parameters:
@@ -126,7 +127,8 @@ def decode_step_weight_bytes(config, batch_size, fmt="bfloat16", experts_touched
     experts_touched: distinct experts per MoE layer (the average over layers); by default the
     independent-routing estimate of expected_experts_touched. Every other weight is read in full,
     except the embedding table, of which a step reads only the B rows it looks up (left out here:
-    B * emb_dim values); a model whose output head is tied to the embedding reads it as the head.
+    B * emb_dim values); a model whose output head is tied to the embedding reads it as the head
+    (whole, once), plus whatever the head holds of its own (ERNIE 4.5's lm_head bias).
     """
     counts = count_parameters(config)["components"]
     E, k, n_moe = _moe_shape(config)
@@ -135,8 +137,10 @@ def decode_step_weight_bytes(config, batch_size, fmt="bfloat16", experts_touched
     elif not 0 <= experts_touched <= E:
         raise ValueError(f"experts_touched must be between 0 and num_experts ({E}), got {experts_touched}")
     other = {c: n for c, n in counts.items() if c not in ("embedding", "routed_experts")}
-    if "lm_head" not in counts:                                  # tied: the head is the embedding matrix
-        other["lm_head"] = counts["embedding"]
+    # Tied: the head's weight is the embedding matrix, counted under "embedding" only; "lm_head"
+    # then holds the head's own parameters, if any (a bias), not its weight. Course configs never tie.
+    if "model_type" in config and ties_word_embeddings(config):
+        other["lm_head"] = other.get("lm_head", 0) + counts["embedding"]
     experts = counts.get("routed_experts", 0) * (experts_touched / E if n_moe else 0)
     result = {"experts": experts * _bits(fmt, "routed_experts") / 8,
               "other": sum(n * _bits(fmt, c) / 8 for c, n in other.items())}
