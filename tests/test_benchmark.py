@@ -115,7 +115,7 @@ def test_sorted_dispatch_equals_transformers_mixtral_block_and_reports_the_speed
           {name: round(v, 2) for name, v in ratios(times, "dense").items()})
 
 
-def test_kv_cache_speeds_up_decoding_at_least_2x():
+def test_kv_cache_speeds_up_decoding_at_least_1_5x():
     """The KV cache's bar: 200 new tokens for a batch of 4 prompts from a 4-layer model, with and
     without the cache."""
     from utils.gpt import GPTModel, generate
@@ -129,4 +129,5 @@ def test_kv_cache_speeds_up_decoding_at_least_2x():
     speedup = times[False] / times[True]
     # batch 1 gains less than this batch of 4: a decode step of a model this small costs mostly
     # per-operation overhead, which the cache does not remove
-    assert speedup > 2.0, f"the cache sped decoding up only {speedup:.2f}x"
+    # at most half the smallest speed-up measured with 1 thread, and with 2 threads beside another process
+    assert speedup > 1.5, f"the cache sped decoding up only {speedup:.2f}x"
