@@ -196,6 +196,8 @@ def test_generate_refuses_an_empty_prompt_and_restores_train_mode_on_errors():
         generate(model, torch.zeros(1, 0, dtype=torch.long), 5)
     with pytest.raises(ValueError, match="at least one token"):
         model(torch.zeros(2, 0, dtype=torch.long))
+    # No sequences at all (an expert-parallel rank with nothing to decode) is fine: nothing comes back.
+    assert generate(model, torch.zeros(0, 3, dtype=torch.long), 4).shape == (0, 7)
     bad = torch.tensor([[1, 2, 500]])                                      # 500 >= vocab_size: the model raises
     with pytest.raises(IndexError):
         generate(model, bad, 3)

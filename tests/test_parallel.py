@@ -1,10 +1,17 @@
-"""Expert parallelism over W = 2 and 4 gloo processes equals the single-process layer."""
-import copy
+"""Expert parallelism over W = 2 and 4 gloo processes equals the single-process layer: with equal,
+uneven and empty per-rank batches, collapsed routing, inputs without grad, and lockstep decoding.
+
+Starting W processes is the slow part (seconds), so each W is launched once (the `runs` fixture)
+and the launched function makes every check's measurements."""
+import os
+import sys
+import time
 
 import pytest
 import torch
 
-from utils.moe import make_moe
+from utils.gpt import generate
+from utils.moe import MoEGPTModel, make_moe
 from utils.parallel import ExpertParallelMoE, launch
 
 BASE = {"emb_dim": 16, "num_experts": 8, "num_experts_per_tok": 2, "moe_hidden_dim": 12, "aux_loss_coef": 0.01}
@@ -24,14 +31,22 @@ def layer_and_batch(cfg, world_size, seed=0):
     return moe, x
 
 
-def expert_parallel_steps(rank, world_size):
-    """expert_parallel_step for every config, and a few training steps of a small GPT (one launch:
-    starting the processes is the slow part)."""
+def expert_parallel_steps(rank, world_size, decoding):
+    """Every check's measurements on this rank, in one launch: expert_parallel_step for every
+    config, uneven and empty batches, collapsed routing, a few training steps of a small GPT, the
+    errors of bad configs, and lockstep decoding (`decoding`: see decoding_setup)."""
     from utils.parallel import train_expert_parallel
     results = {name: expert_parallel_step(rank, world_size, cfg) for name, cfg in CONFIGS.items()}
+    results["uneven"] = {(scenario, name): uneven_step(rank, world_size, cfg, shapes)
+                         for scenario, shapes in SHAPES[world_size].items() for name, cfg in CONFIGS.items()}
+    results["collapsed"] = collapsed_step(rank, world_size)
     results["training"] = train_expert_parallel(rank, world_size, CFG, training_batches(), 1e-2, 3)
     results["errors"] = build_errors(rank, world_size)
+    results["decoding"] = decode_in_lockstep(rank, world_size, decoding)
     return results
+
+
+CHECKS = [*CONFIGS, "uneven", "collapsed", "training", "errors", "decoding"]
 
 
 def training_batches():
@@ -52,19 +67,78 @@ def expert_parallel_step(rank, world_size, cfg):
     replicated = {name: p.grad for name, p in layer.moe.named_parameters()}
     return {"y": y.detach(), "x_grad": x.grad, "expert_grads": expert_grads, "replicated_grads": replicated,
             "aux_loss": layer.aux_loss.item(), "expert_params": sum(p.numel() for p in layer.local_experts.parameters()),
-            "exchange": layer.last_exchange, "routed": routed}
+            "exchange": layer.last_exchange, "routed": routed,
+            "local_weights": {name: p.detach() for name, p in layer.local_experts.named_parameters()}}
+
+
+# Per-rank batch shapes (B, T): uneven token counts, and ranks with no tokens at all (B = 0 or T = 0).
+SHAPES = {2: {"uneven": [(2, 5), (1, 3)], "empty rank": [(2, 5), (0, 5)], "every rank empty": [(0, 5), (3, 0)]},
+          4: {"uneven": [(2, 5), (1, 3), (3, 1), (1, 4)], "empty rank": [(2, 5), (0, 5), (1, 3), (3, 0)]}}
+
+
+def uneven_batch(cfg, shapes, seed=1):
+    """The layer, all ranks' tokens (N_total, D) and the weights (N_total, D) of the loss sum(y * w)."""
+    torch.manual_seed(seed)
+    moe = make_moe(cfg)
+    total = sum(b * t for b, t in shapes)
+    return moe, torch.randn(total, cfg["emb_dim"]), torch.randn(total, cfg["emb_dim"])
+
+
+def grads(module):
+    """{name: gradient} of a module's parameters, zeros where backward left none."""
+    return {name: torch.zeros_like(p) if p.grad is None else p.grad for name, p in module.named_parameters()}
+
+
+def uneven_step(rank, world_size, cfg, shapes):
+    """One forward and backward (training mode, input requiring grad) on rank `rank`'s share, of
+    shape shapes[rank], of the tokens of uneven_batch."""
+    moe, tokens, weights = uneven_batch(cfg, shapes)
+    (B, T_r), D = shapes[rank], cfg["emb_dim"]
+    start = sum(b * t for b, t in shapes[:rank])
+    x = tokens[start:start + B * T_r].reshape(B, T_r, D).clone().requires_grad_(True)
+    layer = ExpertParallelMoE(moe).train()
+    y = layer(x)
+    ((y * weights[start:start + B * T_r].reshape(B, T_r, D)).sum() + layer.aux_loss / world_size).backward()
+    return {"y": y.detach(), "x_grad": x.grad, "aux_loss": layer.aux_loss.item(),
+            "expert_grads": grads(layer.local_experts), "replicated_grads": grads(layer.moe)}
+
+
+COLLAPSED = {**BASE, "num_experts": 4}
+COLLAPSED_BIAS = [10.0, 10.0, 0.0, 0.0]   # every token picks experts 0 and 1: the ranks of experts 2, 3 get no rows
+
+
+def collapsed_step(rank, world_size):
+    """Training mode, and inputs that do not require grad: with routing collapsed onto experts 0
+    and 1 ("collapsed"); and, with the router frozen, an input that requires grad on rank 0 only
+    ("mixed": what requires grad differs between ranks)."""
+    results = {}
+    for case in ("collapsed", "mixed"):
+        moe, tokens, weights = uneven_batch(COLLAPSED, [(2, 3)] * world_size)
+        if case == "collapsed":
+            moe.router.expert_bias.copy_(torch.tensor(COLLAPSED_BIAS))
+        else:
+            moe.router.requires_grad_(False)
+        x = tokens[rank * 6:(rank + 1) * 6].reshape(2, 3, -1).requires_grad_(case == "mixed" and rank == 0)
+        layer = ExpertParallelMoE(moe).train()
+        y = layer(x)
+        ((y * weights[rank * 6:(rank + 1) * 6].reshape(2, 3, -1)).sum() + layer.aux_loss / world_size).backward()
+        results[case] = {"y": y.detach(), "x_grad": x.grad, "aux_loss": layer.aux_loss.item(),
+                         "received": sum(layer.last_exchange["received_rows"]),
+                         "expert_grads": grads(layer.local_experts), "replicated_grads": grads(layer.moe)}
+    return results
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"W={w}")
 def runs(request):
     world_size = request.param
-    per_rank = launch(expert_parallel_steps, world_size)
-    return world_size, {name: [r[name] for r in per_rank] for name in [*CONFIGS, "training", "errors"]}
+    decoding = decoding_setup(world_size)
+    per_rank = launch(expert_parallel_steps, world_size, decoding)
+    return world_size, {name: [r[name] for r in per_rank] for name in CHECKS}, decoding
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_expert_parallel_equals_the_single_process_layer(runs, name):
-    world_size, results = runs
+    world_size, results, _ = runs
     cfg, ranks = CONFIGS[name], results[name]
     moe, x = layer_and_batch(cfg, world_size)
     x.requires_grad_(True)
@@ -92,7 +166,67 @@ def test_expert_parallel_equals_the_single_process_layer(runs, name):
     full_experts = sum(p.numel() for p in moe.experts.parameters())
     assert all(r["expert_params"] == full_experts // world_size for r in ranks)    # only its share
     assert sum(sum(r["exchange"]["sent_rows"]) for r in ranks) == world_size * SEQS_PER_RANK * T * cfg["num_experts_per_tok"]
-    assert per_rank * world_size == cfg["num_experts"]
+    for rank, r in enumerate(ranks):                                            # rank r holds experts r*E/W ...
+        for name_, param in moe.experts.named_parameters():
+            assert torch.equal(r["local_weights"][name_], param.detach()[rank * per_rank:(rank + 1) * per_rank]), name_
+
+
+def assert_equals_single_process(moe, x, w, ranks, world_size, x_grad_ranks=None):
+    """The per-rank results of a forward and backward of the loss sum(y * w) + aux_loss (each rank
+    adds aux_loss / W) equal the single-process layer's on all tokens x (N_total, D) together; the
+    input gradients of the ranks x_grad_ranks (all when None) too."""
+    x = x.clone().requires_grad_(True)
+    y = moe(x[None])[0]
+    ((y * w).sum() + moe.aux_loss).backward()
+    D = y.shape[1]
+    assert torch.allclose(torch.cat([r["y"].reshape(r["y"].numel() // D, D) for r in ranks]), y, atol=1e-5)
+    x_grads = [r["y"].numel() // D for r in ranks]
+    for rank, (r, expected) in enumerate(zip(ranks, torch.split(x.grad, x_grads))):
+        if x_grad_ranks is None or rank in x_grad_ranks:
+            assert torch.allclose(r["x_grad"].reshape(-1, D), expected, atol=1e-5)
+        else:
+            assert r["x_grad"] is None
+    for r in ranks:
+        assert torch.isfinite(torch.tensor(r["aux_loss"])) and r["aux_loss"] == pytest.approx(moe.aux_loss.item(), rel=1e-5, abs=1e-7)
+    expected = grads(moe)                                                        # zeros where no token went
+    for name, param in moe.experts.named_parameters():
+        stacked = torch.cat([r["expert_grads"][name] for r in ranks])
+        assert torch.allclose(stacked, expected[f"experts.{name}"], atol=1e-5), name
+    for name, param in moe.named_parameters():
+        if not name.startswith("experts."):
+            assert torch.allclose(sum(r["replicated_grads"][name] for r in ranks), expected[name], atol=1e-5), name
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_uneven_and_empty_ranks_equal_the_single_process_layer(runs, name):
+    """Different B and T per rank, and ranks with B = 0 or T = 0: outputs, input, expert and router
+    gradients and the global aux loss (z-loss included: finite with an empty rank) as one process."""
+    world_size, results, _ = runs
+    for scenario, shapes in SHAPES[world_size].items():
+        ranks = [r[scenario, name] for r in results["uneven"]]
+        assert [tuple(r["y"].shape[:2]) for r in ranks] == shapes                   # empty in, empty out
+        moe, x, w = uneven_batch(CONFIGS[name], shapes)
+        assert_equals_single_process(moe, x, w, ranks, world_size)
+        if scenario == "every rank empty":
+            assert all(r["aux_loss"] == 0 for r in ranks)
+
+
+def test_a_rank_without_rows_and_an_input_without_grad(runs):
+    """Routing collapsed onto experts 0 and 1, in training mode, with inputs that do not require
+    grad: the ranks of experts 2 and 3 receive no rows, yet take part in both backward exchanges
+    (before the fix they skipped the combine's, and the others failed or hung). And with a frozen
+    router and an input that requires grad on rank 0 only, every rank takes part in every backward
+    exchange (the dispatch's, and the aux loss's sum over ranks)."""
+    world_size, results, _ = runs
+    ranks = [r["collapsed"] for r in results["collapsed"]]
+    holder = [e * world_size // COLLAPSED["num_experts"] for e in range(COLLAPSED["num_experts"])]
+    assert [r["received"] > 0 for r in ranks] == [rank in holder[:2] for rank in range(world_size)]
+    moe, x, w = uneven_batch(COLLAPSED, [(2, 3)] * world_size)
+    moe.router.expert_bias.copy_(torch.tensor(COLLAPSED_BIAS))
+    assert_equals_single_process(moe, x, w, ranks, world_size, x_grad_ranks=[])
+    moe, x, w = uneven_batch(COLLAPSED, [(2, 3)] * world_size)
+    moe.router.requires_grad_(False)
+    assert_equals_single_process(moe, x, w, [r["mixed"] for r in results["collapsed"]], world_size, x_grad_ranks=[0])
 
 
 BAD = {"6 experts": {**BASE, "num_experts": 6}, "bias updates": {**BASE, "bias_update_rate": 0.01},
@@ -111,7 +245,7 @@ def build_errors(rank, world_size):
 
 
 def test_bad_input_is_rejected(runs):
-    world_size, results = runs
+    world_size, results, _ = runs
     for errors in results["errors"]:
         if world_size == 4:
             assert "num_experts (6) must be divisible by the world size (4)" in errors["6 experts"]
@@ -122,6 +256,74 @@ def test_bad_input_is_rejected(runs):
         assert "seq_aux_loss_coef must be 0" in errors["sequence loss"]
 
 
+GEN_CFG = {**CFG, "context_length": 16}
+MAX_NEW = 10
+
+
+def decoding_setup(world_size, seed=5):
+    """Prompts for each rank (B = 1 or 2 rows, T = 2 to 4 tokens: uneven) and an eos_id at which the
+    ranks' rows finish at different steps, chosen from the single-process model's greedy tokens;
+    with the single-process result for each rank's prompts (generate, one process, padded later)."""
+    torch.manual_seed(seed)
+    model = MoEGPTModel(GEN_CFG)
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, GEN_CFG["vocab_size"], (1 + r % 2, 2 + r % 3), generator=g) for r in range(world_size)]
+    free = [generate(model, p, MAX_NEW)[:, p.shape[1]:] for p in prompts]       # greedy, no eos: (B_r, MAX_NEW)
+
+    def finish_steps(eos):           # per rank: the step at which its last row produces eos (MAX_NEW: never)
+        first = [torch.where((f == eos).any(1), (f == eos).int().argmax(1), MAX_NEW) for f in free]
+        return [int(s.max()) for s in first]
+    # The eos at which the most ranks finish at different steps, all before MAX_NEW, far apart.
+    eos_id = max(range(GEN_CFG["vocab_size"]), key=lambda e: (len(set(finish_steps(e))), max(finish_steps(e)) < MAX_NEW,
+                                                             max(finish_steps(e)) - min(finish_steps(e)), -e))
+    steps = finish_steps(eos_id)
+    assert len(set(steps)) >= 2 and min(steps) < MAX_NEW - 2, steps                  # a useful test case
+    single = [generate(model, p, MAX_NEW, eos_id=eos_id) for p in prompts]
+    return {"prompts": prompts, "eos_id": eos_id, "seed": seed, "single": single, "finish_steps": steps}
+
+
+def decode_in_lockstep(rank, world_size, decoding):
+    """generate_expert_parallel on this rank's prompts; and the error of a max_new_tokens that
+    differs between ranks."""
+    from utils.parallel import expert_parallel, generate_expert_parallel
+
+    torch.manual_seed(decoding["seed"])
+    model = expert_parallel(MoEGPTModel(GEN_CFG))
+    prompts, eos_id = decoding["prompts"][rank], decoding["eos_id"]
+    try:
+        generate_expert_parallel(model, prompts, MAX_NEW + rank, eos_id=eos_id)
+        error = None
+    except ValueError as err:
+        error = str(err)
+    tokens = generate_expert_parallel(model, prompts, MAX_NEW, eos_id=eos_id)
+    return {"tokens": tokens, "error": error, "training": model.training}
+
+
+def test_decoding_keeps_the_ranks_in_lockstep(runs):
+    """Ranks whose rows reach eos_id at different steps all keep stepping until every rank is done:
+    each gets the single-process tokens for its prompts, padded with eos_id."""
+    world_size, results, decoding = runs
+    ranks, eos_id = results["decoding"], decoding["eos_id"]
+    steps = min(max(decoding["finish_steps"]) + 1, MAX_NEW)                     # new tokens until all are done
+    for prompts, single, r in zip(decoding["prompts"], decoding["single"], ranks):
+        expected = torch.cat([single, torch.full((len(single), prompts.shape[1] + steps - single.shape[1]), eos_id)], 1)
+        assert torch.equal(r["tokens"], expected)
+        assert "max_new_tokens must be the same" in r["error"]                  # refused on every rank alike
+        assert r["training"]                                                     # train mode restored
+    assert len({single.shape[1] - prompts.shape[1] for prompts, single in zip(decoding["prompts"], decoding["single"])}) >= 2
+
+
+def exits_on_rank_1(rank, world_size):
+    """For launch: rank 1's process ends without reporting anything (as a crash would)."""
+    if rank == 1:
+        os._exit(3)
+    return rank
+
+
+def only_in_main(rank, world_size):
+    return rank
+
+
 def test_launch_reports_a_failing_rank_and_checks_its_arguments():
     with pytest.raises(RuntimeError, match="(?s)rank 0 failed.*TypeError"):
         launch(build_errors, 1, "unexpected argument")
@@ -129,6 +331,29 @@ def test_launch_reports_a_failing_rank_and_checks_its_arguments():
         ExpertParallelMoE(make_moe(BASE))                                      # no process group here
     with pytest.raises(ValueError, match="world_size"):
         launch(build_errors, 0)
+    with pytest.raises(ValueError, match="importable module"):
+        launch(lambda rank, world_size: rank, 1)                               # cannot even be pickled
+
+
+def test_launch_fails_fast_when_a_rank_dies_or_cannot_import_fn():
+    """A child that ends without reporting, or cannot import fn (a function of a notebook cell lives
+    in the kernel's __main__, which a new process does not have), is reported at once, not after
+    the timeout."""
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="rank 1 exited with code 3 before reporting"):
+        launch(exits_on_rank_1, 2, timeout=60)
+    assert time.monotonic() - start < 30
+    main = sys.modules["__main__"]
+    only_in_main.__module__, only_in_main.__qualname__ = "__main__", "a_notebook_cell_function"
+    main.a_notebook_cell_function = only_in_main                               # as a notebook cell defines it
+    try:
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match="(?s)rank 0 failed.*a_notebook_cell_function.*importable module"):
+            launch(only_in_main, 1, timeout=60)
+        assert time.monotonic() - start < 30
+    finally:
+        del main.a_notebook_cell_function
+        only_in_main.__module__, only_in_main.__qualname__ = __name__, "only_in_main"
 
 
 def test_expert_and_data_parallel_training_equals_one_process(runs):
@@ -150,6 +375,21 @@ def test_rank_loads_and_destinations():
     assert rank_loads(topk, 8, 4).tolist() == [3, 1, 2, 2]
     assert destination_ranks(topk, 8, 4).tolist() == [1, 2, 1, 2]
     assert destination_ranks(topk, 8, 1).tolist() == [1, 1, 1, 1]
+    assert rank_loads(topk, 8, 8).tolist() == [2, 1, 1, 0, 1, 1, 1, 1]
+    assert destination_ranks(topk, 8, 2).tolist() == [1, 2, 1, 2]
+    assert rank_loads(topk[:0], 8, 4).tolist() == [0, 0, 0, 0] and destination_ranks(topk[:0], 8, 4).tolist() == []
+    for E, W in ((6, 4), (4, 8)):                                                # not a multiple: a rank would hold
+        for f in (rank_loads, destination_ranks):                                # a fraction of an expert, or none
+            with pytest.raises(ValueError, match=f"num_experts must be a positive multiple of world_size \\({W}\\)"):
+                f(topk % E, E, W)
+    for bad, match in (((topk, 8, 0), "world_size must be a positive integer"), ((topk, 0, 4), "num_experts must be"),
+                       ((topk, 4, 2), r"topk_idx must hold expert ids in \[0, num_experts=4\)"),
+                       ((topk.float(), 8, 4), "topk_idx must be an integer tensor")):
+        for f in (rank_loads, destination_ranks):
+            with pytest.raises(ValueError, match=match):
+                f(*bad)
+    with pytest.raises(ValueError, match=r"topk_idx must be \(tokens, k\)"):
+        destination_ranks(topk.reshape(-1), 8, 4)
 
 
 def test_torchrun_works_too():

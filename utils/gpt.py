@@ -94,7 +94,7 @@ class MultiHeadAttention(nn.Module):
             visible = None if cache is None or T == 1 else ~self.mask[start:start + T, :start + T]
             context = fused_attention(q, k, v, attn_mask=visible, is_causal=cache is None,
                                       dropout_p=self.dropout.p if self.training else 0.0)
-        out = self.out_proj(context.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
+        out = self.out_proj(context.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))  # (B, T, D)
         return (out, weights) if return_weights else out
 
 

@@ -130,7 +130,7 @@ class GroupedQueryAttention(nn.Module):
         if start > 0 and T > 1:
             visible = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
         context = fused_attention(q, k, v, attn_mask=visible, is_causal=start == 0 and T > 1, scale=self.scale)
-        return self.out_proj(context.transpose(1, 2).reshape(B, T, -1))
+        return self.out_proj(context.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
 class ModernBlock(nn.Module):

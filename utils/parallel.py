@@ -10,16 +10,22 @@ what it received, and sends the results back (a second all-to-all), where they a
 the gates.
 
 `launch(fn, world_size, ...)` runs fn in world_size local processes (gloo on CPU, nccl when every
-rank has a GPU) and returns their results; `ExpertParallelMoE` wraps an MoEFeedForward or LatentMoE.
+rank has a GPU) and returns their results; `ExpertParallelMoE` wraps an MoEFeedForward or LatentMoE;
+`generate_expert_parallel` decodes on every rank, all ranks stepping together until all are done.
 PyTorch's own launcher works too: `torchrun --standalone --nproc_per_node=2 -m utils.parallel` runs a
 check of the layer against the single-process one.
 
 Shapes: W = world size, E = experts, E_r = E / W experts per rank, N = local tokens, k = top-k,
 A = N * k assignments, d = the experts' dimension (emb_dim, or latent_dim in a LatentMoE).
 """
+import faulthandler
 import io
+import os
+import pickle
 import queue
 import socket
+import tempfile
+import time
 import traceback
 
 import torch
@@ -27,7 +33,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from .moe import Experts, MoEFeedForward, MoEGPTModel, combine_dtype, dispatch_sorted, make_moe, router_z_loss
+from .moe import Experts, MoEFeedForward, MoEGPTModel, combine_dtype, dispatch_sorted, make_moe
 from .train import aux_loss, lm_loss
 
 
@@ -70,6 +76,19 @@ class AllReduceSum(torch.autograd.Function):
         return grad, None
 
 
+def _in_graph(t):
+    """t itself, or, when grad is enabled and t does not require grad, a leaf copy of t that does.
+
+    A collective with autograd (AllToAll, AllReduceSum) runs its backward only where its input is
+    in the autograd graph. Whether it is can differ between ranks (an input that needs no grad, a
+    rank that receives no rows), and a rank that skips a backward collective leaves the others
+    waiting in it. torch.is_grad_enabled() is the same on every rank, so this rule keeps them alike.
+    """
+    if torch.is_grad_enabled() and not t.requires_grad:
+        return t.detach().requires_grad_(True)
+    return t
+
+
 def _local_experts(experts, start, count):
     """An Experts module holding experts start .. start+count-1 of `experts` (copies of their weights)."""
     with torch.random.fork_rng(devices=[]):      # building it must not move the caller's random stream
@@ -98,6 +117,14 @@ class ExpertParallelMoE(nn.Module):
     sends them back the other way), and the bytes of token vectors that left this rank in both
     exchanges together (rows to other ranks in the dispatch, plus results returned to other ranks
     in the combine; as many bytes arrive).
+
+    Ranks may hold different numbers of tokens (a different B or T), none at all (B = 0 or T = 0:
+    the output is empty), or receive no rows (collapsed routing): every rank still takes part in
+    both all-to-alls of the forward pass, and, when grad is enabled, of the backward pass. So that
+    the backward exchanges happen on every rank whatever requires grad there, the tensors entering
+    them are made part of the autograd graph whenever torch.is_grad_enabled(), a rule every rank
+    decides alike (_in_graph). As with data parallelism, every rank must then call backward on a
+    loss that uses this layer's output and aux_loss (or no rank may).
     """
 
     def __init__(self, moe, group=None):
@@ -130,9 +157,12 @@ class ExpertParallelMoE(nn.Module):
         self.last_exchange = None
 
     def forward(self, x):
+        """x: (B, T, D) -> (B, T, D); B or T may be 0 (and differ between ranks)."""
         moe, W, E_r = self.moe, self.world_size, self.experts_per_rank
+        if x.dim() != 3:
+            raise ValueError(f"x must be a (batch, tokens, emb_dim) tensor, got shape {tuple(x.shape)}")
         B, T, D = x.shape
-        flat = x.reshape(-1, D)                                               # (N, D)
+        flat = x.reshape(B * T, D)                                            # (N, D), N may be 0
         logits, scores, probs, topk_idx, topk_weight = moe.router(flat)
         N, k = topk_idx.shape
         expert_idx = topk_idx.reshape(-1)                                     # (A,)
@@ -146,6 +176,11 @@ class ExpertParallelMoE(nn.Module):
         send_counts, recv_counts = send_matrix.sum(1).tolist(), recv_matrix.sum(1).tolist()
 
         vectors = moe.to_experts(flat).index_select(0, token_idx)             # (A, d) grouped by destination
+        # Without _in_graph, a rank whose input needs no grad and that receives no rows would build
+        # no autograd node for the exchanges and skip their backward all-to-alls, while the other
+        # ranks wait in them (a hang under NCCL, "Connection closed by peer" under gloo). With it,
+        # both AllToAll nodes are in the graph on every rank whenever grad is enabled.
+        vectors = _in_graph(vectors)
         received = AllToAll.apply(vectors, send_counts, recv_counts, self.group)   # (R, d)
         # Received rows come by source rank, and within each by expert: label them with local experts.
         local_ids = torch.arange(E_r, device=x.device).repeat(W)               # (W * E_r,)
@@ -173,18 +208,24 @@ class ExpertParallelMoE(nn.Module):
         return out.reshape(B, T, D)
 
     def _global_losses(self, logits, probs, topk_idx):
-        """The layer's balancing and z losses over all ranks' tokens (the single-process formulas)."""
+        """The layer's balancing and z losses over all ranks' tokens (the single-process formulas).
+
+        logits, probs: (N, E); topk_idx: (N, k); N may be 0 on some ranks or all. Every rank sends
+        sums over its tokens (never means, which are NaN for N = 0) and divides by the global count:
+        total = 0 on every rank gives a loss of 0, as the single-process layer gives for no tokens.
+        """
         moe = self.moe
         E = moe.num_experts
         N, k = topk_idx.shape
         counts = torch.bincount(topk_idx.reshape(-1), minlength=E).float()
         stats = torch.cat([counts, torch.tensor([float(N)], device=counts.device)])
         dist.all_reduce(stats, group=self.group)
-        counts, total = stats[:E], stats[E]
-        prob_sum = AllReduceSum.apply(probs.sum(0), self.group)               # (E,), differentiable
+        counts, total = stats[:E], stats[E].clamp_min(1.0)                  # counts are 0 when total is
+        prob_sum = AllReduceSum.apply(_in_graph(probs.sum(0)), self.group)    # (E,), differentiable
         loss = moe.aux_loss_coef * E * torch.sum(counts / (total * k) * prob_sum / total)
         if moe.z_loss_coef > 0:
-            z_sum = AllReduceSum.apply(router_z_loss(logits) * N, self.group)
+            # router_z_loss is the mean of this over the tokens: here the sum, 0 for N = 0.
+            z_sum = AllReduceSum.apply(_in_graph(torch.logsumexp(logits, dim=-1).pow(2).sum()), self.group)
             loss = loss + moe.z_loss_coef * z_sum / total
         return loss
 
@@ -197,17 +238,100 @@ def expert_parallel(model, group=None):
     return model
 
 
+def lockstep_stop(group=None):
+    """A `stop` for utils.gpt.generate under expert parallelism: every rank must run the same number
+    of forward passes, or the all-to-alls of a rank that stopped early leave the others waiting.
+
+    Returns stop(finished) -> bool, finished being this rank's (B,) bool tensor of finished rows
+    (B may be 0: nothing left to do). It is True, on every rank alike, once every row of every rank
+    in the group (the default group when None) has finished: one all-reduce, the MIN over ranks of
+    "all my rows finished" as a 0/1 integer, so every rank must call it at every step (generate
+    does). Until then a rank whose rows have all finished keeps stepping, padding them with eos_id.
+    """
+    def stop(finished):
+        done = torch.tensor([int(bool(finished.all()))], dtype=torch.long, device=finished.device)
+        dist.all_reduce(done, op=dist.ReduceOp.MIN, group=group)
+        return bool(done.item())
+    return stop
+
+
+def _count_or_minus_one(value):
+    """value if it is an int >= 0 (not a bool), else -1."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else -1
+
+
+def generate_expert_parallel(model, idx, max_new_tokens, *, eos_id=None, group=None, **kwargs):
+    """utils.gpt.generate on every rank of a process group, the ranks kept in lockstep: each rank
+    passes its own prompts idx (B, T) (B and T may differ between ranks) and gets back (B, T + n),
+    with the same number n <= max_new_tokens of new tokens on every rank. A row that produced eos_id
+    holds eos_id from then on; decoding stops once every row of every rank has finished (see
+    lockstep_stop), or after max_new_tokens steps. Each rank's tokens are those the single-process
+    model generates for its prompts, padded with eos_id.
+
+    max_new_tokens and eos_id must be the same on every rank; other keyword arguments (temperature,
+    top_k, generator, use_cache) go to generate. The arguments are checked on every rank together
+    (one all-reduce), so that a bad argument on one rank raises a ValueError on all instead of
+    leaving the others waiting.
+    """
+    from .gpt import generate
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("no process group: call torch.distributed.init_process_group first, "
+                           "or run the code through utils.parallel.launch (or torchrun)")
+    steps, eos = _count_or_minus_one(max_new_tokens), (-2 if eos_id is None else _count_or_minus_one(eos_id))
+    idx_ok = int(isinstance(idx, torch.Tensor) and idx.dim() == 2 and idx.shape[1] > 0)
+    device = idx.device if isinstance(idx, torch.Tensor) else torch.device("cpu")
+    if dist.get_backend(group) == "nccl" and device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    check = torch.tensor([steps, -steps, eos, -eos, -idx_ok], dtype=torch.long, device=device)
+    dist.all_reduce(check, op=dist.ReduceOp.MAX, group=group)
+    high_steps, low_steps, high_eos, low_eos, minus_all_idx_ok = check.tolist()
+    if high_steps != -low_steps:
+        raise ValueError(f"max_new_tokens must be the same non-negative integer on every rank, got values from "
+                         f"{-low_steps} to {high_steps} over the ranks (-1: not a non-negative integer)")
+    if high_eos != -low_eos:
+        raise ValueError("eos_id must be the same on every rank (an id or None on all)")
+    if minus_all_idx_ok == 0:
+        mine = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
+        raise ValueError(f"idx must be a (batch, tokens) tensor with tokens >= 1 on every rank, and is not on some "
+                         f"rank (this rank's: {mine})")
+    return generate(model, idx, max_new_tokens, eos_id=eos_id, stop=lockstep_stop(group), **kwargs)
+
+
+def _expert_ranks(topk_idx, num_experts, world_size):
+    """The rank holding each chosen expert when num_experts experts are split evenly and in order
+    over world_size ranks: topk_idx (any shape) -> the same shape. Checks the arguments."""
+    for name, value in (("num_experts", num_experts), ("world_size", world_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if num_experts % world_size:
+        raise ValueError(f"num_experts must be a positive multiple of world_size ({world_size}): every rank "
+                         f"holds the same number of experts, got num_experts={num_experts}")
+    if not isinstance(topk_idx, torch.Tensor) or topk_idx.is_floating_point() or topk_idx.is_complex() \
+            or topk_idx.dtype == torch.bool:
+        raise ValueError(f"topk_idx must be an integer tensor of expert ids, got "
+                         f"{getattr(topk_idx, 'dtype', type(topk_idx).__name__)}")
+    if topk_idx.numel() and (topk_idx.min() < 0 or topk_idx.max() >= num_experts):
+        raise ValueError(f"topk_idx must hold expert ids in [0, num_experts={num_experts}), got values from "
+                         f"{topk_idx.min().item()} to {topk_idx.max().item()}")
+    return topk_idx.long() // (num_experts // world_size)
+
+
 def rank_loads(topk_idx, num_experts, world_size):
     """Assignments each rank receives when experts are split evenly and in order over world_size
-    ranks: topk_idx (N, k) -> (world_size,) counts."""
-    per_rank = num_experts // world_size
-    return torch.bincount(topk_idx.reshape(-1) // per_rank, minlength=world_size)
+    ranks: topk_idx (N, k) (any shape: every entry is one assignment) -> (world_size,) counts.
+    num_experts must be a positive multiple of world_size."""
+    ranks = _expert_ranks(topk_idx, num_experts, world_size)
+    return torch.bincount(ranks.reshape(-1), minlength=world_size)
 
 
 def destination_ranks(topk_idx, num_experts, world_size):
     """How many distinct ranks each token's experts live on: topk_idx (N, k) -> (N,). A token must be
-    sent to each of them once, at least; the plain all-to-all sends it once per chosen expert."""
-    ranks = topk_idx // (num_experts // world_size)                     # (N, k)
+    sent to each of them once, at least; the plain all-to-all sends it once per chosen expert.
+    num_experts must be a positive multiple of world_size."""
+    ranks = _expert_ranks(topk_idx, num_experts, world_size)             # (N, k)
+    if ranks.dim() != 2:
+        raise ValueError(f"topk_idx must be (tokens, k), got shape {tuple(topk_idx.shape)}")
     return torch.nn.functional.one_hot(ranks, world_size).amax(1).sum(-1)
 
 
@@ -288,20 +412,51 @@ def free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, backend, fn, args, results):
+_IMPORT_HINT = ("fn must be defined in an importable module (a .py file, imported by the notebook or "
+                "script), not in a notebook cell or an interactive session: each rank is a new Python "
+                "process that imports fn by its module and name")
+
+
+def _worker(rank, world_size, port, backend, fn_bytes, args, results, crash_log):
+    """One rank of launch: report (rank, torch.save'd result, None) or (rank, None, error text)."""
     torch.set_num_threads(1)
+    with open(crash_log, "w") as log:
+        faulthandler.enable(log)                 # a segfault or abort leaves its Python traceback here
+        try:
+            try:
+                fn = pickle.loads(fn_bytes)      # fn is sent as bytes so that failing to import it is reported
+            except Exception:
+                results.put((rank, None, f"{traceback.format_exc()}\n{_IMPORT_HINT}"))
+                return
+            if backend == "nccl":
+                torch.cuda.set_device(rank)
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+            buffer = io.BytesIO()                # sent as bytes: tensors then outlive this process
+            torch.save(fn(rank, world_size, *args), buffer)
+            results.put((rank, buffer.getvalue(), None))
+        except Exception:
+            results.put((rank, None, traceback.format_exc()))
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            faulthandler.disable()
+
+
+def _death_report(rank, exitcode, crash_log):
+    """Why a rank's process ended without reporting: its exit code or signal, what faulthandler
+    wrote, and the likely causes."""
+    how = f"was killed by signal {-exitcode}" if exitcode < 0 else f"exited with code {exitcode}"
     try:
-        if backend == "nccl":
-            torch.cuda.set_device(rank)
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-        buffer = io.BytesIO()                    # sent as bytes: tensors then outlive this process
-        torch.save(fn(rank, world_size, *args), buffer)
-        results.put((rank, buffer.getvalue(), None))
-    except Exception:
-        results.put((rank, None, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        with open(crash_log) as log:
+            trace = log.read().strip()
+    except OSError:
+        trace = ""
+    text = f"rank {rank} {how} before reporting a result"
+    if trace:
+        text += f"; its last Python frames:\n{trace}"
+    return (text + "\nIt may have crashed (os._exit, a segfault, out of memory), or failed to start: fn and its "
+            f"arguments must be picklable and importable by a new process; {_IMPORT_HINT}. A child's own "
+            "traceback, if any, was printed on the standard error of the process that started Python or Jupyter.")
 
 
 def launch(fn, world_size, *args, backend=None, timeout=120):
@@ -311,7 +466,9 @@ def launch(fn, world_size, *args, backend=None, timeout=120):
     fn must be importable (defined in a module, not in a notebook cell), and its arguments and
     result picklable. backend: "gloo" (CPU) by default, "nccl" when a GPU per rank is available.
     Each process uses one CPU thread. An exception in any rank is raised here with its traceback;
-    a rank that gives no result within `timeout` seconds raises a RuntimeError.
+    a rank whose process ends without a result (it could not import fn, called os._exit, crashed)
+    raises a RuntimeError at once, naming the rank and its exit code; a rank that gives no result
+    within `timeout` seconds raises a RuntimeError. The other ranks are then terminated.
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
@@ -319,28 +476,53 @@ def launch(fn, world_size, *args, backend=None, timeout=120):
         backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo"
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    try:
+        fn_bytes = pickle.dumps(fn)
+    except Exception as err:
+        raise ValueError(f"fn cannot be sent to the new processes ({err}); {_IMPORT_HINT}") from err
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, world_size, port, backend, fn, args, results))
+    logs = tempfile.TemporaryDirectory(prefix="launch-")
+    crash_logs = [os.path.join(logs.name, f"rank{rank}.log") for rank in range(world_size)]
+    procs = [ctx.Process(target=_worker, args=(rank, world_size, port, backend, fn_bytes, args, results, crash_logs[rank]))
              for rank in range(world_size)]
-    for p in procs:
-        p.start()
     outputs = {}
     try:
-        for _ in range(world_size):
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        while len(outputs) < world_size:
             try:
-                rank, value, error = results.get(timeout=timeout)
+                rank, value, error = results.get(timeout=0.1)
             except queue.Empty:
-                raise RuntimeError(f"no result from {world_size - len(outputs)} rank(s) within {timeout} s") from None
+                silent = [r for r, p in enumerate(procs) if r not in outputs and p.exitcode is not None]
+                if silent:
+                    # Its result may still be in the pipe: an exited process has flushed what it put.
+                    try:
+                        rank, value, error = results.get(timeout=1.0)
+                    except queue.Empty:
+                        r = silent[0]
+                        raise RuntimeError(_death_report(r, procs[r].exitcode, crash_logs[r])) from None
+                elif time.monotonic() > deadline:
+                    raise RuntimeError(f"no result from {world_size - len(outputs)} rank(s) within {timeout} s") from None
+                else:
+                    continue
             if error is not None:
-                raise RuntimeError(f"rank {rank} failed:\n{error}")
+                # A rank that died silently is often the cause of another's error ("Connection closed by peer").
+                dead = [_death_report(r, p.exitcode, crash_logs[r]).split("\n")[0]
+                        for r, p in enumerate(procs) if r != rank and r not in outputs and p.exitcode not in (None, 0)]
+                raise RuntimeError(f"rank {rank} failed:\n{error}" + "".join(f"\n(also: {d})" for d in dead))
             outputs[rank] = torch.load(io.BytesIO(value), weights_only=False)
     finally:
         for p in procs:
-            p.join(timeout if len(outputs) == world_size else 0)
-            if p.is_alive():
-                p.terminate()
+            if p.pid is not None:                # started
+                p.join(timeout if len(outputs) == world_size else 0)
+                if p.is_alive():
+                    p.terminate()
+                    p.join(5)
+        results.close()
+        logs.cleanup()
     return [outputs[rank] for rank in range(world_size)]
 
 
