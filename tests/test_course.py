@@ -24,7 +24,7 @@ def test_the_setup_cell_is_short_and_finds_the_course_from_any_folder_inside_it(
         assert namespace["ROOT"] == ROOT and namespace["FIGURES"] == ROOT / "figures"
     monkeypatch.chdir(tmp_path)          # outside the course and not on Colab: say what to do, touch nothing
     path_before = list(__import__("sys").path)
-    with pytest.raises(FileNotFoundError, match="open this notebook from inside the clone"):
+    with pytest.raises(FileNotFoundError, match="course not found: clone .*, open this notebook inside it"):
         exec(source, {})
     assert __import__("sys").path == path_before       # no "None" put on sys.path
 

@@ -296,7 +296,8 @@ def decode_in_lockstep(rank, world_size, decoding):
     except ValueError as err:
         error = str(err)
     tokens = generate_expert_parallel(model, prompts, MAX_NEW, eos_id=eos_id)
-    return {"tokens": tokens, "error": error, "training": model.training}
+    plain = generate(model, prompts, MAX_NEW, eos_id=eos_id)          # the layers' decoding_stop: lockstep too
+    return {"tokens": tokens, "plain": plain, "error": error, "training": model.training}
 
 
 def test_decoding_keeps_the_ranks_in_lockstep(runs):
@@ -307,7 +308,7 @@ def test_decoding_keeps_the_ranks_in_lockstep(runs):
     steps = min(max(decoding["finish_steps"]) + 1, MAX_NEW)                     # new tokens until all are done
     for prompts, single, r in zip(decoding["prompts"], decoding["single"], ranks):
         expected = torch.cat([single, torch.full((len(single), prompts.shape[1] + steps - single.shape[1]), eos_id)], 1)
-        assert torch.equal(r["tokens"], expected)
+        assert torch.equal(r["tokens"], expected) and torch.equal(r["plain"], expected)
         assert "max_new_tokens must be the same" in r["error"]                  # refused on every rank alike
         assert r["training"]                                                     # train mode restored
     assert len({single.shape[1] - prompts.shape[1] for prompts, single in zip(decoding["prompts"], decoding["single"])}) >= 2

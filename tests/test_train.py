@@ -80,8 +80,12 @@ def test_aux_loss_is_added_and_after_step_is_called():
 
 
 def run_or_fail_after(seconds, fn):
-    """fn(), failing the test instead of hanging if it has not returned within `seconds`."""
+    """fn(), failing the test instead of hanging if it has not returned within `seconds` (where the
+    platform has SIGALRM; elsewhere, e.g. on Windows, fn() just runs)."""
     import signal
+
+    if not hasattr(signal, "SIGALRM"):
+        return fn()
 
     def hung(signum, frame):
         raise AssertionError(f"did not return within {seconds} s")
@@ -178,3 +182,46 @@ def test_parameter_groups_decay_weight_matrices_only():
     swiglu = MoEGPTModel({**cfg, "expert_type": "swiglu"})
     gate = moe_layers(swiglu)[0].experts.w_gate
     assert id(gate) in ids(parameter_groups(swiglu, 0.1)[0]["params"])
+
+
+def test_evaluation_restores_the_model_when_it_raises():
+    from utils.experiments import evaluate_at_capacity
+    from utils.moe import MoEGPTModel, moe_layers
+
+    cfg = {**TINY, "num_experts": 4, "num_experts_per_tok": 2, "moe_hidden_dim": 16, "capacity_factor": 2.0}
+    torch.manual_seed(0)
+    model = MoEGPTModel(cfg).train()
+    good = [(torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 8)))]
+    bad = good + [(torch.full((2, 8), 500), torch.zeros(2, 8, dtype=torch.long))]    # 500: not in the vocabulary
+    with pytest.raises(IndexError):
+        evaluate(model, bad)
+    assert model.training
+    with pytest.raises(IndexError):
+        evaluate_at_capacity(model, bad, None)
+    assert model.training and all(m.capacity_factor == 2.0 for m in moe_layers(model))
+    with pytest.raises(ValueError, match="capacity_factor"):
+        evaluate_at_capacity(model, good, -1.0)
+
+
+def test_evaluate_at_capacity_weighs_loss_and_drops_by_tokens():
+    from utils.experiments import evaluate_at_capacity
+    from utils.moe import MoEGPTModel, moe_layers
+
+    cfg = {**TINY, "num_experts": 4, "num_experts_per_tok": 2, "moe_hidden_dim": 16}
+    torch.manual_seed(0)
+    model = MoEGPTModel(cfg).eval()
+    ids = torch.arange(200) % 23
+    loader = create_dataloader(ids, 5, 16, shuffle=False, drop_last=False)       # 5 + 5 + 2 windows
+    loss, dropped = evaluate_at_capacity(model, loader, 0.5)
+    assert all(m.capacity_factor is None for m in moe_layers(model))           # left as it was
+    x = torch.cat([x for x, _ in loader])
+    y = torch.cat([y for _, y in loader])
+    losses, drops = [], []
+    for i in range(len(x)):                                   # one window at a time: capacity is per sequence
+        for layer in moe_layers(model):
+            layer.capacity_factor = 0.5
+        with torch.no_grad():
+            losses.append(torch.nn.functional.cross_entropy(model(x[i:i + 1]).flatten(0, 1), y[i]).item())
+        drops.append(sum(m.last_routing["dropped_fraction"] for m in moe_layers(model)) / len(moe_layers(model)))
+    assert loss == pytest.approx(sum(losses) / len(losses), abs=1e-5)
+    assert dropped == pytest.approx(sum(drops) / len(drops), abs=1e-6) and dropped > 0

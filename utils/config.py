@@ -45,6 +45,7 @@ MoE config keys (in the same dict as the GPT's keys; see MOE_OPTIONAL_KEYS for t
 """
 import difflib
 import math
+import operator
 
 # The keys a GPT config may have: required ones, then optional ones with their defaults.
 GPT_REQUIRED_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
@@ -54,12 +55,13 @@ GPT_OPTIONAL_KEYS = {
     "ffn_hidden_dim": None,  # FeedForward width; None means 4 * emb_dim as in GPT-2
 }
 
-def check_config(cfg, required, optional):
+def check_config(cfg, required, optional, also_allowed=()):
     """Raise a ValueError for a missing required key or a key nobody knows.
 
-    Returns a copy of `cfg` with the optional keys' defaults filled in.
+    Returns a copy of `cfg` with the optional keys' defaults filled in. Keys in `also_allowed` may
+    be present (another module reads them) but get no default here.
     """
-    allowed = set(required) | set(optional)
+    allowed = set(required) | set(optional) | set(also_allowed)
     unknown = sorted(set(cfg) - allowed)
     if unknown:
         close = {key: difflib.get_close_matches(key, allowed, n=1) for key in unknown}
@@ -69,6 +71,16 @@ def check_config(cfg, required, optional):
     if missing:
         raise ValueError(f"config is missing required key(s) {missing}")
     return {**optional, **cfg}
+
+
+def is_count(value):
+    """Whether value is an integer >= 0 (a Python or NumPy integer), and not a bool."""
+    if isinstance(value, bool):
+        return False
+    try:
+        return operator.index(value) >= 0
+    except TypeError:
+        return False
 
 
 def check_positive_int(cfg, *keys):
@@ -148,9 +160,8 @@ def validate_moe_config(cfg):
     """
     # An MoE layer's config is often the whole model's: every key a model config may hold is
     # allowed, and any other key (a typo such as 'capacity_factr') is an error.
-    model_keys = {key: cfg[key] for key in (*GPT_OPTIONAL_KEYS, *MODERN_OPTIONAL_KEYS, *GPT_REQUIRED_KEYS)
-                  if key in cfg and key != "emb_dim"}
-    cfg = {**check_config(cfg, ("emb_dim",), {**MOE_OPTIONAL_KEYS, **model_keys}), **model_keys}
+    cfg = check_config(cfg, ("emb_dim",), MOE_OPTIONAL_KEYS,
+                       also_allowed=(*GPT_REQUIRED_KEYS, *GPT_OPTIONAL_KEYS, *MODERN_OPTIONAL_KEYS))
     check_positive_int(cfg, "emb_dim", "num_experts", "num_experts_per_tok", "moe_hidden_dim",
                        "moe_every_n_layers", "n_group", "topk_group")
     check_bool(cfg, "norm_topk_prob", "shared_expert_gate")

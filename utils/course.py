@@ -27,7 +27,7 @@ import pathlib, subprocess, sys; here = pathlib.Path.cwd()
 ROOT = next((p for p in (here, *here.parents, here / "moe-course") if (p / "utils" / "course.py").is_file()), None)
 if ROOT is None and "google.colab" in sys.modules:
     subprocess.run(["git", "clone", "-q", "--depth=1", "https://github.com/{repo}", str(ROOT := here / "moe-course")], check=True)
-elif ROOT is None: raise FileNotFoundError("no course folder (utils/course.py) here or above: clone https://github.com/{repo} and open this notebook from inside the clone")
+elif ROOT is None: raise FileNotFoundError("course not found: clone https://github.com/{repo}, open this notebook inside it")
 sys.path.insert(0, str(ROOT)); from utils.course import setup; FIGURES = setup(ROOT)'''
 
 

@@ -25,6 +25,7 @@ import argparse
 import copy
 import itertools
 import json
+import math
 import os
 import pathlib
 import platform
@@ -33,7 +34,7 @@ import time
 
 import torch
 
-from .config import validate_model_config, validate_moe_config
+from .config import validate_model_config
 from .data import DOMAINS, create_dataloader, load_compact_splits, load_token_splits
 from .moe import LoadRecorder, MoEGPTModel, fine_grained, make_moe, moe_layers, update_expert_biases, upcycle
 from .tokenizer import get_tokenizer
@@ -123,16 +124,17 @@ def _train_on(model, data, seed, steps, skip, eval_every, peak_lr, device):
 @torch.no_grad()
 def evaluate_at_capacity(model, loader, capacity_factor):
     """(mean loss per token, mean share of dropped assignments) of an MoE model evaluated with every
-    MoE layer's capacity_factor set to `capacity_factor` (None: dropless); the model is left as it
-    was, even if evaluation raises."""
-    if capacity_factor is not None:
-        validate_moe_config({"emb_dim": 1, "num_experts": 1, "num_experts_per_tok": 1, "moe_hidden_dim": 1,
-                             "capacity_factor": capacity_factor})
+    MoE layer's capacity_factor set to `capacity_factor` (None: dropless). Both are weighted by
+    tokens: a partial last batch counts for the tokens it has. The model is left as it was, even
+    if evaluation raises."""
+    if capacity_factor is not None and not (isinstance(capacity_factor, (int, float)) and not isinstance(
+            capacity_factor, bool) and math.isfinite(capacity_factor) and capacity_factor > 0):
+        raise ValueError(f"capacity_factor must be None (dropless) or a finite number > 0, got {capacity_factor!r}")
     layers = moe_layers(model)
     saved = [layer.capacity_factor for layer in layers]
     device = next(model.parameters()).device
     was_training = model.training
-    total, tokens, dropped = 0.0, 0, []
+    total, tokens, dropped = 0.0, 0, 0.0
     try:
         for layer in layers:
             layer.capacity_factor = capacity_factor
@@ -140,14 +142,14 @@ def evaluate_at_capacity(model, loader, capacity_factor):
         for x, y in loader:
             total += lm_loss(model(x.to(device)), y.to(device)).item() * y.numel()
             tokens += y.numel()
-            dropped.append(statistics.fmean(layer.last_routing["dropped_fraction"] for layer in layers))
+            dropped += statistics.fmean(layer.last_routing["dropped_fraction"] for layer in layers) * y.numel()
     finally:
         model.train(was_training)
         for layer, c in zip(layers, saved):
             layer.capacity_factor = c
     if tokens == 0:
         raise ValueError("the loader produced no batches")
-    return total / tokens, statistics.fmean(dropped)
+    return total / tokens, dropped / tokens
 
 
 def late_imbalance(recorder, last_steps=50):

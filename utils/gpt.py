@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import validate_gpt_config, validate_model_config  # noqa: F401  (validate_gpt_config: re-exported)
+from .config import is_count, validate_gpt_config, validate_model_config  # noqa: F401  (validate_gpt_config: re-exported)
 
 GPT_CONFIG_124M = {
     "vocab_size": 50257,     # GPT-2 BPE vocabulary
@@ -254,10 +254,11 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=Non
 
     temperature 0 picks the most likely token (greedy). temperature > 0 samples from
     softmax(logits / temperature), restricted to the `top_k` most likely tokens when given.
-    A row that has produced `eos_id` is finished: every later position of it holds eos_id. The loop
-    stops early once `stop(finished)` is true, finished being the (B,) bool tensor of finished rows;
-    the default stop is "every row has finished". (Expert parallelism passes a stop that asks every
-    rank, so that all ranks keep stepping together until all are done: utils/parallel.py.)
+    A row that has produced `eos_id` is finished: every later position of it holds eos_id. With an
+    eos_id, the loop stops early once `stop(finished)` is true, finished being the (B,) bool tensor
+    of finished rows; the default stop is "every row has finished". A model whose layers span
+    several processes says how they agree to stop: a module with a `decoding_stop()` method gives
+    the default stop (utils/parallel.py: all ranks keep stepping until every rank is done).
     Pass a seeded `torch.Generator` for reproducible samples.
 
     use_cache=True keeps every layer's keys and values in a KVCache: the prompt is processed once
@@ -270,7 +271,7 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=Non
     if idx.dim() != 2 or idx.shape[1] == 0:
         raise ValueError(f"idx must be a (batch, tokens) tensor holding at least one prompt token per row, "
                          f"got shape {tuple(idx.shape)}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if not is_count(max_new_tokens):
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -282,7 +283,9 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=Non
         # other assignments than the full sequence does.
         raise ValueError(f"use_cache=True needs dropless MoE layers, but a layer has capacity_factor="
                          f"{limited[0].capacity_factor}: set it to None or pass use_cache=False")
-    stop = stop or (lambda finished: bool(finished.all()))
+    if stop is None:
+        agreed = [m.decoding_stop() for m in model.modules() if hasattr(m, "decoding_stop")]
+        stop = agreed[0] if agreed else (lambda finished: bool(finished.all()))
     was_training = model.training
     model.eval()
     try:

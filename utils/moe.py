@@ -76,12 +76,12 @@ class TopKRouter(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """nn.Module applies `fn` (the cast of .to(), .half(), .cuda(), ...) to every parameter and
-        buffer through this method. Here a float32 tensor that `fn` would cast to 16 bits takes the
-        device `fn` gives it but keeps its dtype and exact values."""
+        buffer through this method. Here a tensor that `fn` would cast to 16 bits takes the device
+        `fn` gives it and float32 instead (a float32 tensor keeps its exact values)."""
         def keep_float32(t):
             moved = fn(t)
-            if t.dtype == torch.float32 and moved.dtype in (torch.bfloat16, torch.float16):
-                return t.to(device=moved.device)
+            if t.is_floating_point() and moved.dtype in (torch.bfloat16, torch.float16):
+                return t.to(device=moved.device, dtype=torch.float32)   # never below float32
             return moved                         # float64 (.double(), gradcheck) is kept: it is more precise
         return super()._apply(keep_float32, recurse)
 

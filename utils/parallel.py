@@ -156,6 +156,11 @@ class ExpertParallelMoE(nn.Module):
         self.aux_loss = None
         self.last_exchange = None
 
+    def decoding_stop(self):
+        """The stop rule utils.gpt.generate uses for a model holding this layer: every rank keeps
+        stepping until every rank's rows have finished (lockstep_stop over this layer's group)."""
+        return lockstep_stop(self.group)
+
     def forward(self, x):
         """x: (B, T, D) -> (B, T, D); B or T may be 0 (and differ between ranks)."""
         moe, W, E_r = self.moe, self.world_size, self.experts_per_rank
@@ -268,10 +273,11 @@ def generate_expert_parallel(model, idx, max_new_tokens, *, eos_id=None, group=N
     lockstep_stop), or after max_new_tokens steps. Each rank's tokens are those the single-process
     model generates for its prompts, padded with eos_id.
 
-    max_new_tokens and eos_id must be the same on every rank; other keyword arguments (temperature,
-    top_k, generator, use_cache) go to generate. The arguments are checked on every rank together
-    (one all-reduce), so that a bad argument on one rank raises a ValueError on all instead of
-    leaving the others waiting.
+    Plain generate(model, ...) keeps the ranks in lockstep too (the layers' decoding_stop); this
+    function adds one check: max_new_tokens, eos_id and idx are compared over all ranks together
+    (one all-reduce), so that a mismatch or a bad idx on one rank raises a ValueError on every rank
+    instead of leaving the others waiting. The other keyword arguments (temperature, top_k,
+    generator, use_cache) go to generate unchecked across ranks: they must be valid on every rank.
     """
     from .gpt import generate
 

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import is_count
+
 
 def get_device():
     """The best available device: CUDA, then Apple's MPS, then the CPU."""
@@ -60,8 +62,8 @@ def evaluate(model, loader, max_batches=None, device=None):
     finally:
         model.train(was_training)
     if tokens == 0:
-        raise ValueError("the validation loader produced no batches (too few windows for one batch with "
-                         "drop_last=True?)")
+        raise ValueError("the validation loader produced no batches: too few windows for one batch with "
+                         "drop_last=True, or a one-shot iterator that is used up (pass a DataLoader)")
     return total / tokens
 
 
@@ -110,7 +112,7 @@ def train(model, train_loader, val_loader, max_steps, peak_lr=1e-3, min_lr=None,
     `after_step(model, step)` is called after every optimizer step (e.g. to update router biases).
     """
     for name, value in (("max_steps", max_steps), ("eval_every", eval_every)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        if not is_count(value) or value == 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     device = torch.device(device) if device is not None else get_device()
     torch.manual_seed(seed)  # dropout masks
