@@ -449,7 +449,11 @@ def transformers_moe_layer(config):
     live = type(router)(hf)
     with torch.no_grad():
         live.weight.normal_(0, D ** -0.5)                  # logits of order 1: no weight is ~1 by itself
-        logits, weights, chosen = live(torch.randn(256, D))
+        outputs = live(torch.randn(256, D))
+    # The three outputs by what they are (their order differs between transformers releases):
+    chosen = next(t for t in outputs if not t.is_floating_point()).long()              # (256, k) expert ids
+    logits = next(t for t in outputs if t.is_floating_point() and t.shape[-1] == E)    # (256, E)
+    weights = next(t for t in outputs if t.is_floating_point() and t is not logits)    # (256, k)
     k = chosen.shape[-1]
     picked = torch.softmax(logits.float(), dim=-1).gather(1, chosen)
     renormalised = bool(torch.allclose(weights.float().sum(-1), torch.ones(256), atol=1e-5))
