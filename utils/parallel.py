@@ -20,6 +20,7 @@ A = N * k assignments, d = the experts' dimension (emb_dim, or latent_dim in a L
 """
 import faulthandler
 import io
+import operator
 import os
 import pickle
 import queue
@@ -33,6 +34,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+from .config import is_count
 from .moe import Experts, MoEFeedForward, MoEGPTModel, combine_dtype, dispatch_sorted, make_moe
 from .train import aux_loss, lm_loss
 
@@ -261,8 +263,8 @@ def lockstep_stop(group=None):
 
 
 def _count_or_minus_one(value):
-    """value if it is an int >= 0 (not a bool), else -1."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else -1
+    """value as an int if it is a count (config.is_count, the rule generate applies), else -1."""
+    return operator.index(value) if is_count(value) else -1
 
 
 def generate_expert_parallel(model, idx, max_new_tokens, *, eos_id=None, group=None, **kwargs):
