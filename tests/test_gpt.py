@@ -5,7 +5,7 @@ import torch
 
 from utils.gpt import (GPT_CONFIG_124M, GELU, GPTModel, KVCache, LayerNorm, MultiHeadAttention, generate,
                        validate_gpt_config)
-from utils.moe import MoEGPTModel
+from utils.moe_gpt import MoEGPTModel
 
 TINY = {"vocab_size": 97, "context_length": 16, "emb_dim": 32, "n_heads": 4, "n_layers": 2,
         "drop_rate": 0.0, "qkv_bias": True}
@@ -251,14 +251,14 @@ def test_cached_generation_equals_uncached(name):
     cached = generate(model, idx, 20, use_cache=True)
     assert torch.equal(cached, generate(model, idx, 20, use_cache=False))
     # prefill, then one token at a time, gives the logits of the full forward pass at every position
-    cache = KVCache(model.cfg, batch_size=3)
+    cache = KVCache(model.kv_cache_shape, batch_size=3)
     with torch.no_grad():
         steps = [model(cached[:, :5], cache=cache)] + [model(cached[:, t:t + 1], cache=cache) for t in range(5, 25)]
         full = model(cached)
     assert cache.length == 25
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
     # ... and so do chunks of several tokens after a prefix (each chunk causal within itself)
-    cache = KVCache(model.cfg, batch_size=3)
+    cache = KVCache(model.kv_cache_shape, batch_size=3)
     with torch.no_grad():
         chunks = [model(cached[:, a:b], cache=cache) for a, b in ((0, 7), (7, 8), (8, 19), (19, 25))]
     assert torch.allclose(torch.cat(chunks, 1), full, atol=1e-5)
@@ -280,7 +280,7 @@ def test_cached_generation_beyond_the_context_slides_like_uncached():
 def test_kv_cache_size_and_errors():
     torch.manual_seed(0)
     model = GPTModel(CACHE_BASE).eval()
-    cache = KVCache(model.cfg, batch_size=2)
+    cache = KVCache(model.kv_cache_shape, batch_size=2)
     D, L, C = CACHE_BASE["emb_dim"], CACHE_BASE["n_layers"], CACHE_BASE["context_length"]
     assert cache.nbytes() == 2 * L * 2 * C * D * 4             # keys and values, every layer, float32
     with torch.no_grad():
@@ -290,7 +290,7 @@ def test_kv_cache_size_and_errors():
     with pytest.raises(ValueError, match="return_weights"):
         model.trf_blocks[0].att(torch.zeros(2, 1, D), return_weights=True, cache=cache)
     with pytest.raises(ValueError, match="dtype"):
-        model(torch.zeros(2, 1, dtype=torch.long), cache=KVCache(model.cfg, batch_size=2, dtype=torch.bfloat16))
+        model(torch.zeros(2, 1, dtype=torch.long), cache=KVCache(model.kv_cache_shape, batch_size=2, dtype=torch.bfloat16))
     limited = MoEGPTModel({**CACHE_MOE, "capacity_factor": 1.0})
     with pytest.raises(ValueError, match="capacity_factor"):
         generate(limited, torch.zeros(1, 3, dtype=torch.long), 2)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from utils.gpt import KVCache
-from utils.modern import ModernMoEModel, generate
+from utils.gpt import KVCache, generate
+from utils.modern import ModernMoEModel
 
 SMALL = dict(vocab_size=50, context_length=32, emb_dim=32, n_heads=4, n_layers=2, n_kv_heads=2,
              num_experts=4, num_experts_per_tok=2, moe_hidden_dim=16)
@@ -12,8 +12,8 @@ SMALL = dict(vocab_size=50, context_length=32, emb_dim=32, n_heads=4, n_layers=2
 
 def test_grouped_query_cache_is_smaller_by_the_group_size():
     model = ModernMoEModel(SMALL)
-    gqa = KVCache(model.cfg, batch_size=3)
-    mha = KVCache(ModernMoEModel({**SMALL, "n_kv_heads": 4}).cfg, batch_size=3)
+    gqa = KVCache(model.kv_cache_shape, batch_size=3)
+    mha = KVCache(ModernMoEModel({**SMALL, "n_kv_heads": 4}).kv_cache_shape, batch_size=3)
     assert gqa.keys[0].shape == (3, 2, 32, 8)
     assert mha.nbytes() == 2 * gqa.nbytes()
 
@@ -29,7 +29,7 @@ def test_cached_generation_equals_uncached_and_prefix_logits_agree(extra):
     assert torch.equal(generate(model, idx, 30), generate(model, idx, 30, use_cache=False))  # slides past 32
     full = model(torch.randint(0, 50, (2, 20), generator=torch.Generator().manual_seed(1)))
     ids = torch.randint(0, 50, (2, 20), generator=torch.Generator().manual_seed(1))
-    cache = KVCache(model.cfg, 2)
+    cache = KVCache(model.kv_cache_shape, 2)
     pieces = [model(chunk, cache=cache) for chunk in ids.split([7, 1, 12], dim=1)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
 

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from utils.gpt import GPTModel
-from utils.moe import (Experts, MoEFeedForward, MoEGPTModel, TopKRouter, capacity_keep_mask, dispatch_loop,
-                       dispatch_sorted, load_balancing_loss, make_moe, moe_layers, router_z_loss, upcycle)
-from utils.train import aux_loss
+from utils.moe import Experts, MoEFeedForward, capacity_keep_mask, dispatch_loop, dispatch_sorted, make_moe, moe_layers
+from utils.moe_gpt import MoEGPTModel, upcycle
+from utils.router import TopKRouter, load_balancing_loss, router_z_loss
+from utils.train import total_aux_loss
 
 MOE = {"emb_dim": 16, "num_experts": 6, "num_experts_per_tok": 2, "moe_hidden_dim": 24}
 
@@ -32,7 +33,7 @@ def test_shape_and_aux_loss():
 
 
 def test_routing_stats_exact_values():
-    from utils.moe import routing_stats
+    from utils.router import routing_stats
 
     E = 4
     uniform = torch.full((8, E), 1 / E)
@@ -208,15 +209,30 @@ def test_moe_every_n_layers_beyond_n_layers_raises():
         MoEGPTModel({**cfg, "moe_every_n_layers": 4})
 
 
+def test_gpt_module_reads_no_moe_or_modern_key():
+    """utils/gpt.py knows only the dense GPT: no MoE or modern-decoder config key appears in its
+    code (the MoE model validates its keys, layers answer generate's questions themselves)."""
+    import inspect
+
+    import utils.gpt
+    from utils.config import GPT_OPTIONAL_KEYS, GPT_REQUIRED_KEYS, MODERN_OPTIONAL_KEYS, MOE_OPTIONAL_KEYS
+
+    source = inspect.getsource(utils.gpt)
+    foreign = (set(MOE_OPTIONAL_KEYS) | set(MODERN_OPTIONAL_KEYS)) - set(GPT_OPTIONAL_KEYS) - set(GPT_REQUIRED_KEYS)
+    assert foreign and not [key for key in foreign if f'"{key}"' in source or f"'{key}'" in source]
+    assert "capacity_factor" not in source
+
+
 def test_gpt_model_leaves_moe_to_the_moe_module():
     # GPTModel builds dense blocks, or the blocks it is given (the import rule: the test above).
-    cfg = {"vocab_size": 50, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 2, **MOE}
-    with pytest.raises(ValueError, match="MoEGPTModel"):
-        GPTModel(cfg)
+    gpt = {"vocab_size": 50, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 2}
+    cfg = {**gpt, **MOE}
+    with pytest.raises(ValueError, match="unknown config key.*num_experts"):
+        GPTModel(cfg)                                   # MoE keys are for MoEGPTModel
     torch.manual_seed(0)
     a = MoEGPTModel(cfg)
     torch.manual_seed(0)
-    b = GPTModel(cfg, feedforward=lambda layer: make_moe(a.cfg))
+    b = GPTModel(gpt, feedforward=lambda layer: make_moe(a.cfg))
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
@@ -469,12 +485,12 @@ def test_gpt_with_moe_layers(every):
     assert count(model) == count(dense) + len(layers) * (per_moe - per_ffn)
     logits = model(torch.randint(0, 50, (2, 8)))
     assert logits.shape == (2, 8, 50)
-    assert aux_loss(model) > 0
+    assert total_aux_loss(model) > 0
 
 
 def test_load_recorder():
     from utils.data import create_dataloader
-    from utils.moe import LoadRecorder
+    from utils.moe_gpt import LoadRecorder
     from utils.train import train
 
     cfg = {"vocab_size": 30, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 2, **MOE}
@@ -541,7 +557,7 @@ def test_bfloat16_layer_is_close_to_the_float32_layer_and_trains():
 
 
 def test_aux_loss_free_bias_update_survives_bfloat16():
-    from utils.moe import update_expert_biases
+    from utils.moe_gpt import update_expert_biases
 
     moe = make(router_type="sigmoid", bias_update_rate=0.001, aux_loss_coef=0.0)
     with torch.no_grad():

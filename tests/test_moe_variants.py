@@ -5,9 +5,10 @@ import warnings
 import pytest
 import torch
 
-from utils.moe import MoEGPTModel
-from utils.moe import (LatentMoE, MoEFeedForward, TopKRouter, fine_grained, load_balancing_loss, make_moe,
-                       moe_layers, sequence_balance_loss, update_expert_biases)
+from utils.moe_gpt import MoEGPTModel
+from utils.moe import LatentMoE, MoEFeedForward, fine_grained, make_moe, moe_layers
+from utils.moe_gpt import update_expert_biases
+from utils.router import TopKRouter, load_balancing_loss, sequence_balance_loss
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -276,7 +277,7 @@ def test_latent_moe_shapes_and_parameters():
 
 @pytest.mark.parametrize("shared", [{"num_shared_experts": 2}, {"num_shared_experts": 1, "shared_expert_hidden_dim": 40}])
 def test_fine_grained_keeps_the_shared_experts_width(shared):
-    from utils.moe import shared_expert_hidden
+    from utils.config import shared_expert_hidden
 
     cfg = {"emb_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_hidden_dim": 32, **shared}
     fine = fine_grained(cfg, 4)

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from utils.gpt import generate
-from utils.moe import MoEGPTModel, make_moe
-from utils.parallel import ExpertParallelMoE, launch
+from utils.moe import make_moe
+from utils.moe_gpt import MoEGPTModel
+from utils.launch import launch
+from utils.parallel import ExpertParallelMoE
 
 BASE = {"emb_dim": 16, "num_experts": 8, "num_experts_per_tok": 2, "moe_hidden_dim": 12, "aux_loss_coef": 0.01}
 CONFIGS = {"plain": BASE,
@@ -40,7 +42,7 @@ def expert_parallel_steps(rank, world_size, decoding):
     results["uneven"] = {(scenario, name): uneven_step(rank, world_size, cfg, shapes)
                          for scenario, shapes in SHAPES[world_size].items() for name, cfg in CONFIGS.items()}
     results["collapsed"] = collapsed_step(rank, world_size)
-    results["training"] = train_expert_parallel(rank, world_size, CFG, training_batches(), 1e-2, 3)
+    results["training"] = train_expert_parallel(rank, world_size, CFG, training_batches(), 1e-2, 3, grad_clip=0.05)
     results["errors"] = build_errors(rank, world_size)
     results["decoding"] = decode_in_lockstep(rank, world_size, decoding)
     return results
@@ -358,11 +360,18 @@ def test_launch_fails_fast_when_a_rank_dies_or_cannot_import_fn():
 
 
 def test_expert_and_data_parallel_training_equals_one_process(runs):
-    from utils.moe import MoEGPTModel
-    from utils.parallel import train_steps
+    """utils.train.train with the expert-parallel gradient hook equals train in one process: AdamW
+    with weight decay, the warmup + cosine schedule and clipping by the global gradient norm."""
+    from utils.moe_gpt import MoEGPTModel
+    from utils.train import train
 
-    torch.manual_seed(3)
-    single = train_steps(MoEGPTModel(CFG), training_batches(), lr=1e-2)
+    def one_process(**kwargs):
+        torch.manual_seed(3)
+        return train(MoEGPTModel(CFG), training_batches(), None, max_steps=4, peak_lr=1e-2, seed=3,
+                     device="cpu", verbose=False, **kwargs)["batch_loss"]
+
+    single, unclipped = one_process(grad_clip=0.05), one_process(grad_clip=None)
+    assert abs(single[-1] - unclipped[-1]) > 1e-4          # clipping acts: the ranks must clip by the global norm
     ranks = runs[1]["training"]
     assert all(r == ranks[0] for r in ranks)                                    # every rank reports the global loss
     assert ranks[0] == pytest.approx(single, abs=1e-5)

@@ -5,7 +5,7 @@ import torch
 
 from utils.data import create_dataloader
 from utils.gpt import GPTModel
-from utils.train import aux_loss, evaluate, get_device, lr_at, train
+from utils.train import evaluate, get_device, lr_at, total_aux_loss, train
 
 TINY = {"vocab_size": 50, "context_length": 16, "emb_dim": 32, "n_heads": 4, "n_layers": 2, "drop_rate": 0.1}
 
@@ -70,7 +70,7 @@ def test_aux_loss_is_added_and_after_step_is_called():
             return self.gpt(idx)
 
     model = WithAux()
-    assert aux_loss(model).item() == 0.0  # nothing stored before a forward pass
+    assert total_aux_loss(model).item() == 0.0  # nothing stored before a forward pass
     calls = []
     h = train(model, *loaders(), max_steps=3, eval_every=3, device="cpu", verbose=False,
               after_step=lambda m, step: calls.append(step))
@@ -153,7 +153,8 @@ def test_bad_arguments():
 
 
 def test_parameter_groups_decay_weight_matrices_only():
-    from utils.moe import Experts, MoEGPTModel, moe_layers
+    from utils.moe import Experts, moe_layers
+    from utils.moe_gpt import MoEGPTModel
     from utils.train import parameter_groups
 
     cfg = {**TINY, "num_experts": 4, "num_experts_per_tok": 2, "moe_hidden_dim": 24, "expert_type": "gelu",
@@ -185,8 +186,9 @@ def test_parameter_groups_decay_weight_matrices_only():
 
 
 def test_evaluation_restores_the_model_when_it_raises():
-    from utils.experiments import evaluate_at_capacity
-    from utils.moe import MoEGPTModel, moe_layers
+    from utils.runs import evaluate_at_capacity
+    from utils.moe import moe_layers
+    from utils.moe_gpt import MoEGPTModel
 
     cfg = {**TINY, "num_experts": 4, "num_experts_per_tok": 2, "moe_hidden_dim": 16, "capacity_factor": 2.0}
     torch.manual_seed(0)
@@ -204,8 +206,9 @@ def test_evaluation_restores_the_model_when_it_raises():
 
 
 def test_evaluate_at_capacity_weighs_loss_and_drops_by_tokens():
-    from utils.experiments import evaluate_at_capacity
-    from utils.moe import MoEGPTModel, moe_layers
+    from utils.runs import evaluate_at_capacity
+    from utils.moe import moe_layers
+    from utils.moe_gpt import MoEGPTModel
 
     cfg = {**TINY, "num_experts": 4, "num_experts_per_tok": 2, "moe_hidden_dim": 16}
     torch.manual_seed(0)

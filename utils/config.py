@@ -144,7 +144,7 @@ DISPATCH_MODES = ("sorted", "loop")
 CAPACITY_PRIORITIES = ("position", "gshard")
 
 
-def _check_number(cfg, key, minimum, strict):
+def check_number(cfg, key, minimum, strict):
     value = cfg[key]
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
         value > minimum if strict else value >= minimum)
@@ -173,10 +173,10 @@ def validate_moe_config(cfg):
         if cfg[key] not in allowed:
             raise ValueError(f"config[{key!r}] must be one of {allowed}, got {cfg[key]!r}")
     for key in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate"):
-        _check_number(cfg, key, 0, strict=False)
-    _check_number(cfg, "routed_scaling_factor", 0, strict=True)
+        check_number(cfg, key, 0, strict=False)
+    check_number(cfg, "routed_scaling_factor", 0, strict=True)
     if cfg["capacity_factor"] is not None:
-        _check_number(cfg, "capacity_factor", 0, strict=True)
+        check_number(cfg, "capacity_factor", 0, strict=True)
     if "n_layers" in cfg:
         check_positive_int(cfg, "n_layers")
         if cfg["moe_every_n_layers"] > cfg["n_layers"]:
@@ -254,10 +254,22 @@ QK_NORMS = (None, "head", "full")
 
 
 def is_moe_block(cfg, layer):
-    """Whether block `layer` (0-based) of a validated modern config has a routed MoE layer: every
-    moe_every_n_layers-th block (Qwen's decoder_sparse_step) that is not in dense_layers."""
+    """Whether block `layer` (0-based) of a validated model config (the GPT's, utils/moe.py, or the
+    modern decoder's, utils/modern.py) has a routed MoE layer: every moe_every_n_layers-th block
+    (Qwen's decoder_sparse_step) that is not in dense_layers (a key of modern configs only)."""
     return cfg["num_experts"] > 0 and (layer + 1) % cfg["moe_every_n_layers"] == 0 \
-        and layer not in cfg["dense_layers"]
+        and layer not in cfg.get("dense_layers", ())
+
+
+def shared_expert_hidden(cfg):
+    """Width of the (one) shared-expert MLP of a validated MoE config; 0 means no shared expert.
+
+    num_shared_experts counts the shared experts; their total width is shared_expert_hidden_dim
+    when given, else num_shared_experts * moe_hidden_dim.
+    """
+    if cfg["num_shared_experts"] == 0:
+        return 0
+    return cfg["shared_expert_hidden_dim"] or cfg["num_shared_experts"] * cfg["moe_hidden_dim"]
 
 
 def validate_modern_config(cfg):
@@ -288,10 +300,10 @@ def validate_modern_config(cfg):
     if cfg["qk_norm"] not in QK_NORMS:
         raise ValueError(f"config['qk_norm'] must be one of {QK_NORMS}, got {cfg['qk_norm']!r}")
     for key in ("rope_theta", "norm_eps", "embedding_multiplier", "residual_multiplier", "logits_scaling"):
-        _check_number(cfg, key, 0, strict=True)
+        check_number(cfg, key, 0, strict=True)
     for key in ("attention_multiplier", "clip_qkv"):
         if cfg[key] is not None:
-            _check_number(cfg, key, 0, strict=True)
+            check_number(cfg, key, 0, strict=True)
     check_bool(cfg, "qkv_bias", "out_proj_bias", "tie_embeddings")
     layers = range(cfg["n_layers"])
     if any(isinstance(i, bool) or i not in layers for i in cfg["dense_layers"]):

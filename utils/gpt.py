@@ -3,7 +3,7 @@
 Shapes: B = batch, T = sequence length, D = emb_dim, H = n_heads, V = vocab_size.
 A model is described by one plain dict, e.g. `GPT_CONFIG_124M` below; every module takes that
 same dict and reads the keys it needs. Which keys exist, their defaults and their checks are in
-utils/config.py. This module knows nothing of Mixture-of-Experts layers: utils/moe.py builds on it.
+utils/config.py. This module knows nothing of Mixture-of-Experts layers: utils/moe_gpt.py builds on it.
 """
 import math
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import is_count, validate_gpt_config, validate_model_config  # noqa: F401  (validate_gpt_config: re-exported)
+from .config import is_count, validate_gpt_config
 
 GPT_CONFIG_124M = {
     "vocab_size": 50257,     # GPT-2 BPE vocabulary
@@ -27,6 +27,21 @@ GPT_CONFIG_124M = {
 # Devices on which scaled_dot_product_attention gets contiguous inputs: on MPS it has returned
 # wrong values for transposed (non-contiguous) ones (pytorch/pytorch#181133).
 CONTIGUOUS_SDPA_DEVICES = ("mps",)
+
+
+def cached_attention_mask(start, T, device):
+    """How T new tokens at positions start .. start + T - 1 attend: (attn_mask, is_causal) for
+    scaled_dot_product_attention over the start + T positions of the cache so far.
+
+    A single new token sees everything (no mask). Tokens with nothing before them (no cache, or
+    an empty one) use the causal rule of the fused kernel. Otherwise new token i sees positions
+    0 .. start + i: a (T, start + T) bool mask, True where it may look.
+    """
+    if T == 1:
+        return None, False
+    if start == 0:
+        return None, True
+    return torch.ones(T, start + T, dtype=torch.bool, device=device).tril(diagonal=start), False
 
 
 def fused_attention(q, k, v, **kwargs):
@@ -76,6 +91,7 @@ class MultiHeadAttention(nn.Module):
         q = self.split_heads(self.W_query(x))
         k = self.split_heads(self.W_key(x))
         v = self.split_heads(self.W_value(x))
+        start = 0
         if cache is not None:
             if return_weights:
                 raise ValueError("return_weights is not supported with a cache")
@@ -90,9 +106,8 @@ class MultiHeadAttention(nn.Module):
             # The same computation in one fused kernel, as nanoGPT does. Without dropout (our MoE
             # runs, evaluation, generation) it never stores the (T, T) weights; with dropout, a CPU
             # falls back to the explicit computation. Dropout acts on the weights, as above.
-            # With a cache, new token i sits at position start + i and sees positions 0 .. start + i.
-            visible = None if cache is None or T == 1 else ~self.mask[start:start + T, :start + T]
-            context = fused_attention(q, k, v, attn_mask=visible, is_causal=cache is None,
+            visible, causal = cached_attention_mask(start, T, x.device)
+            context = fused_attention(q, k, v, attn_mask=visible, is_causal=causal,
                                       dropout_p=self.dropout.p if self.training else 0.0)
         out = self.out_proj(context.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))  # (B, T, D)
         return (out, weights) if return_weights else out
@@ -168,19 +183,23 @@ class GPTModel(nn.Module):
     """Token ids (B, T) -> next-token logits (B, T, vocab_size).
 
     Every block has the dense FeedForward, unless `feedforward` is given: a function that returns
-    the feed-forward module of block `layer` (0-based). utils.moe.MoEGPTModel passes one that
-    returns routed MoE layers; this module knows nothing about them.
+    the feed-forward module of block `layer` (0-based). utils.moe_gpt.MoEGPTModel passes one that
+    returns routed MoE layers, and its own `validate_config` for the keys they read; this module
+    knows nothing about them.
     """
+
+    validate_config = staticmethod(validate_gpt_config)
 
     def __init__(self, cfg, feedforward=None):
         super().__init__()
-        cfg = validate_model_config(cfg)
+        cfg = self.validate_config(cfg)
         if feedforward is None:
-            if cfg["num_experts"] > 0:
-                raise ValueError(f"config has num_experts = {cfg['num_experts']}: build the model with "
-                                 "utils.moe.MoEGPTModel(cfg), whose blocks get routed MoE layers")
             feedforward = lambda layer: FeedForward(cfg)  # noqa: E731
         self.cfg = cfg
+        # What a KVCache for this model holds: per layer and position, kv_heads keys and values of
+        # head_size numbers each, for up to `positions` positions.
+        self.kv_cache_shape = {"n_layers": cfg["n_layers"], "kv_heads": cfg["n_heads"],
+                               "head_size": cfg["emb_dim"] // cfg["n_heads"], "positions": cfg["context_length"]}
 
         self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
         self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
@@ -192,20 +211,26 @@ class GPTModel(nn.Module):
     def forward(self, idx, cache=None):
         """idx: (B, T) -> logits (B, T, V). With a KVCache (see KVCache), idx holds only the tokens
         that follow the cache's `length` tokens; the cache then grows by T."""
-        B, T = idx.shape
-        start = 0 if cache is None else cache.length
-        if T == 0:
-            raise ValueError(f"idx must hold at least one token per sequence, got shape {tuple(idx.shape)}")
-        if start + T > self.cfg["context_length"]:
-            raise ValueError(f"sequence length {start + T} ({start} cached + {T} new) exceeds "
-                             f"context_length {self.cfg['context_length']}")
-        positions = torch.arange(start, start + T, device=idx.device)
+        positions = new_positions(idx, cache, self.cfg["context_length"])
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(positions))  # (B, T, D)
         for layer, block in enumerate(self.trf_blocks):
             x = block(x, cache=cache, layer=layer)
         if cache is not None:
-            cache.length += T
+            cache.length += idx.shape[1]
         return self.out_head(self.final_norm(x))                          # (B, T, V)
+
+
+def new_positions(idx, cache, context_length):
+    """The positions (T,) of the new tokens idx (B, T): 0 .. T-1, or after the cache's `length`
+    tokens. Raises a ValueError for no tokens, or for more positions than context_length."""
+    T = idx.shape[1]
+    start = 0 if cache is None else cache.length
+    if T == 0:
+        raise ValueError(f"idx must hold at least one token per sequence, got shape {tuple(idx.shape)}")
+    if start + T > context_length:
+        raise ValueError(f"sequence length {start + T} ({start} cached + {T} new) exceeds "
+                         f"context_length {context_length}")
+    return torch.arange(start, start + T, device=idx.device)
 
 
 class KVCache:
@@ -215,18 +240,18 @@ class KVCache:
     Without a cache, each new token re-runs the whole sequence through every layer. The keys and
     values of earlier tokens never change (causal attention: a token never sees later ones), so
     they can be kept: keys[layer] and values[layer] are (B, H, max_length, head_dim) tensors,
-    allocated once, of which the first `length` positions are filled. max_length defaults to
-    context_length; generate() asks for just the prompt plus the new tokens (a real model's
-    context of 128K tokens would otherwise take gigabytes before the first token).
+    allocated once, of which the first `length` positions are filled. `shape` is what the model
+    says it needs, its `kv_cache_shape`: {"n_layers", "kv_heads", "head_size", "positions"}
+    (grouped-query attention, utils/modern.py, keeps fewer key/value heads than query heads).
+    max_length defaults to the model's context length; generate() asks for just the prompt plus
+    the new tokens (a real model's context of 128K tokens would otherwise take gigabytes before
+    the first token).
     """
 
-    def __init__(self, cfg, batch_size, device=None, dtype=torch.float32, max_length=None):
-        # Grouped-query attention (utils/modern.py) caches n_kv_heads heads of head_dim each.
-        heads = cfg.get("n_kv_heads") or cfg["n_heads"]
-        head_dim = cfg.get("head_dim") or cfg["emb_dim"] // cfg["n_heads"]
-        shape = (batch_size, heads, max_length or cfg["context_length"], head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg["n_layers"])]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg["n_layers"])]
+    def __init__(self, shape, batch_size, device=None, dtype=torch.float32, max_length=None):
+        size = (batch_size, shape["kv_heads"], max_length or shape["positions"], shape["head_size"])
+        self.keys = [torch.zeros(size, device=device, dtype=dtype) for _ in range(shape["n_layers"])]
+        self.values = [torch.zeros(size, device=device, dtype=dtype) for _ in range(shape["n_layers"])]
         self.length = 0
 
     def update(self, layer, k, v):
@@ -277,12 +302,12 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=Non
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and not 1 <= top_k <= model.cfg["vocab_size"]:
         raise ValueError(f"top_k must be in [1, vocab_size={model.cfg['vocab_size']}], got {top_k}")
-    limited = [m for m in model.modules() if getattr(m, "capacity_factor", None) is not None]
-    if use_cache and limited and idx.shape[1] <= model.cfg["context_length"]:
-        # A capacity is shared by the tokens of one forward pass; one token at a time would drop
-        # other assignments than the full sequence does.
-        raise ValueError(f"use_cache=True needs dropless MoE layers, but a layer has capacity_factor="
-                         f"{limited[0].capacity_factor}: set it to None or pass use_cache=False")
+    if use_cache and idx.shape[1] <= model.cfg["context_length"]:
+        # A module that cannot decode token by token says why (an MoE layer with a capacity limit).
+        problems = [m.cached_decoding_problem() for m in model.modules() if hasattr(m, "cached_decoding_problem")]
+        problems = [p for p in problems if p is not None]
+        if problems:
+            raise ValueError(problems[0])
     if stop is None:
         agreed = [m.decoding_stop() for m in model.modules() if hasattr(m, "decoding_stop")]
         stop = agreed[0] if agreed else (lambda finished: bool(finished.all()))
@@ -299,7 +324,7 @@ def _generate_loop(model, idx, max_new_tokens, temperature, top_k, eos_id, gener
     context_length = model.cfg["context_length"]
     cache = None
     if use_cache and idx.shape[1] <= context_length:
-        cache = KVCache(model.cfg, idx.shape[0], idx.device, next(model.parameters()).dtype,
+        cache = KVCache(model.kv_cache_shape, idx.shape[0], idx.device, next(model.parameters()).dtype,
                         max_length=min(context_length, idx.shape[1] + max_new_tokens))
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .config import is_moe_block, validate_modern_config
-from .gpt import KVCache, fused_attention, generate  # noqa: F401  (generate works on ModernMoEModel as it is)
+from .gpt import cached_attention_mask, fused_attention, new_positions
 from .moe import Experts, make_moe
 
 
@@ -125,11 +125,8 @@ class GroupedQueryAttention(nn.Module):
         # Each key/value head serves n_heads / n_kv_heads query heads: repeat it for them.
         repeats = self.n_heads // self.n_kv_heads
         k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
-        # New token i sits at position start + i and sees positions 0 .. start + i.
-        visible = None
-        if start > 0 and T > 1:
-            visible = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        context = fused_attention(q, k, v, attn_mask=visible, is_causal=start == 0 and T > 1, scale=self.scale)
+        visible, causal = cached_attention_mask(start, T, x.device)
+        context = fused_attention(q, k, v, attn_mask=visible, is_causal=causal, scale=self.scale)
         return self.out_proj(context.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -151,7 +148,7 @@ class ModernBlock(nn.Module):
     def forward(self, x, cos, sin, cache=None, layer=0):
         x = x + self.residual_multiplier * self.att(self.norm1(x), cos, sin, cache=cache, layer=layer)
         h = self.norm2(x)
-        ff = self.ff.dense(h) if isinstance(self.ff, Experts) else self.ff(h)
+        ff = self.ff.as_mlp(h) if isinstance(self.ff, Experts) else self.ff(h)
         return x + self.residual_multiplier * ff
 
 
@@ -168,6 +165,8 @@ class ModernMoEModel(nn.Module):
         super().__init__()
         cfg = validate_modern_config(cfg)
         self.cfg = cfg
+        self.kv_cache_shape = {"n_layers": cfg["n_layers"], "kv_heads": cfg["n_kv_heads"],
+                               "head_size": cfg["head_dim"], "positions": cfg["context_length"]}   # for KVCache
         D = cfg["emb_dim"]
         self.tok_emb = nn.Embedding(cfg["vocab_size"], D)
         self.trf_blocks = nn.ModuleList(
@@ -194,20 +193,14 @@ class ModernMoEModel(nn.Module):
     def forward(self, idx, cache=None):
         """idx: (B, T) -> logits (B, T, V). With a KVCache, idx holds only the tokens that follow
         the cache's `length` tokens, and the cache grows by T."""
-        B, T = idx.shape
-        start = 0 if cache is None else cache.length
-        if T == 0:
-            raise ValueError(f"idx must hold at least one token per sequence, got shape {tuple(idx.shape)}")
-        if start + T > self.cfg["context_length"]:
-            raise ValueError(f"sequence length {start + T} ({start} cached + {T} new) exceeds "
-                             f"context_length {self.cfg['context_length']}")
+        positions = new_positions(idx, cache, self.cfg["context_length"])
         # The frequencies are recomputed in float32 at every call (a few numbers): kept as a buffer,
         # they would be rounded when the model is cast to bfloat16.
         inv_freq = rope_inverse_frequencies(self.cfg["rotary_dim"], self.cfg["rope_theta"]).to(idx.device)
-        cos, sin = rope_cos_sin(torch.arange(start, start + T, device=idx.device), inv_freq)
+        cos, sin = rope_cos_sin(positions, inv_freq)
         x = self.tok_emb(idx) * self.cfg["embedding_multiplier"]
         for layer, block in enumerate(self.trf_blocks):
             x = block(x, cos, sin, cache=cache, layer=layer)
         if cache is not None:
-            cache.length += T
+            cache.length += idx.shape[1]
         return self.out_head(self.final_norm(x)) / self.cfg["logits_scaling"]

@@ -8,7 +8,10 @@ grow with the number of experts; the compute per token grows only with top-k.
 Shapes: B = batch, T = sequence, D = emb_dim, N = B*T tokens, E = num_experts, k = top-k,
 H = moe_hidden_dim, A = number of (token, expert) assignments (N*k, fewer if some are dropped).
 
-The config keys of the MoE layers, their defaults and their checks are in utils/config.py.
+The config keys of the MoE layers, their defaults and their checks are in utils/config.py; the
+router and the balancing losses are in utils/router.py; utils/moe_gpt.py puts these layers into
+the GPT. To use the layer in another project, copy config.py, router.py and this file into one
+package folder: they need nothing else but torch.
 """
 import math
 
@@ -16,20 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import (CAPACITY_PRIORITIES, DISPATCH_MODES, EXPERT_TYPES, MOE_OPTIONAL_KEYS,  # noqa: F401
-                     ROUTER_TYPES, validate_model_config, validate_moe_config)
-from .gpt import GELU, FeedForward, GPTModel
-
-
-def shared_expert_hidden(cfg):
-    """Width of the (one) shared-expert MLP of a validated config; 0 means no shared expert.
-
-    num_shared_experts counts the shared experts; their total width is shared_expert_hidden_dim
-    when given, else num_shared_experts * moe_hidden_dim.
-    """
-    if cfg["num_shared_experts"] == 0:
-        return 0
-    return cfg["shared_expert_hidden_dim"] or cfg["num_shared_experts"] * cfg["moe_hidden_dim"]
+from .config import CAPACITY_PRIORITIES, EXPERT_TYPES, shared_expert_hidden, validate_moe_config
+from .router import TopKRouter, load_balancing_loss, router_z_loss, routing_stats, sequence_balance_loss
 
 
 def fine_grained(cfg, m):
@@ -43,77 +34,6 @@ def fine_grained(cfg, m):
     shared = shared_expert_hidden(cfg)
     return {**cfg, "num_experts": cfg["num_experts"] * m, "num_experts_per_tok": cfg["num_experts_per_tok"] * m,
             "moe_hidden_dim": cfg["moe_hidden_dim"] // m, "shared_expert_hidden_dim": shared or None}
-
-
-class TopKRouter(nn.Module):
-    """Scores every expert for every token and keeps the k best.
-
-    x: (N, D) -> (logits, scores, probs), each (N, E), and (topk_idx, topk_weight), each (N, k).
-    The router runs in float32 even when the model runs in lower precision (bfloat16 weights, or
-    torch.autocast), and in float64 when the model is cast to it: small differences
-    between logits decide which expert wins. Its gate weight and expert_bias also stay float32
-    when the model is cast with .to(torch.bfloat16) or .half() (see _apply), as transformers keeps
-    DeepSeek-V3's and Nemotron-H's (their _keep_in_fp32_modules_strict): next to a bias of 0.6,
-    a bfloat16 number cannot even hold a bias update of 0.001.
-
-    scores: softmax(logits) (Mixtral, Qwen) or sigmoid(logits) (DeepSeek-V3), the affinities.
-    Selection: the k best of scores + expert_bias, optionally only within the topk_group best of
-    n_group expert groups. The bias (a buffer, 0 unless aux-loss-free balancing moves it) changes
-    which experts are chosen, never the gate weights.
-    Gates: the chosen experts' unbiased scores, renormalised to sum to 1 if norm_topk_prob, times
-    routed_scaling_factor. For softmax scores, renormalising equals a softmax over just the k
-    chosen logits (the denominator over all E experts cancels).
-    probs: scores normalised to sum to 1 per token (= scores for softmax), for balancing losses.
-    """
-
-    def __init__(self, emb_dim, num_experts, top_k, router_type="softmax", norm_topk_prob=True,
-                 routed_scaling_factor=1.0, n_group=1, topk_group=1):
-        super().__init__()
-        self.top_k, self.router_type, self.norm_topk_prob = top_k, router_type, norm_topk_prob
-        self.routed_scaling_factor, self.n_group, self.topk_group = routed_scaling_factor, n_group, topk_group
-        self.gate = nn.Linear(emb_dim, num_experts, bias=False)
-        self.register_buffer("expert_bias", torch.zeros(num_experts))
-
-    def _apply(self, fn, recurse=True):
-        """nn.Module applies `fn` (the cast of .to(), .half(), .cuda(), ...) to every parameter and
-        buffer through this method. Here a tensor that `fn` would cast to 16 bits takes the device
-        `fn` gives it and float32 instead (a float32 tensor keeps its exact values)."""
-        def keep_float32(t):
-            moved = fn(t)
-            if t.is_floating_point() and moved.dtype in (torch.bfloat16, torch.float16):
-                return t.to(device=moved.device, dtype=torch.float32)   # never below float32
-            return moved                         # float64 (.double(), gradcheck) is kept: it is more precise
-        return super()._apply(keep_float32, recurse)
-
-    def select(self, scores):
-        """Indices (N, k) of the chosen experts: top-k of the biased scores within the best groups."""
-        biased = scores + self.expert_bias
-        if self.n_group > 1:
-            N, E = biased.shape
-            grouped = biased.view(N, self.n_group, E // self.n_group)
-            group_score = grouped.topk(2, dim=-1).values.sum(-1)               # (N, n_group)
-            best_groups = group_score.topk(self.topk_group, dim=-1).indices
-            keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best_groups, True)
-            biased = grouped.masked_fill(~keep[..., None], float("-inf")).view(N, E)
-        return biased.topk(self.top_k, dim=-1).indices
-
-    def forward(self, x):
-        # At least float32, whatever the input; and autocast (bfloat16 mixed precision) must not
-        # lower the logits' precision either.
-        dtype = torch.promote_types(torch.promote_types(x.dtype, self.gate.weight.dtype), torch.float32)
-        with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.to(dtype), self.gate.weight.to(dtype))
-        if self.router_type == "softmax":
-            scores = torch.softmax(logits, dim=-1)
-            probs = scores
-        else:
-            scores = torch.sigmoid(logits)
-            probs = scores / scores.sum(dim=-1, keepdim=True)
-        topk_idx = self.select(scores.detach())
-        topk_weight = scores.gather(1, topk_idx)
-        if self.norm_topk_prob:
-            topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
-        return logits, scores, probs, topk_idx, topk_weight * self.routed_scaling_factor
 
 
 class Experts(nn.Module):
@@ -140,7 +60,6 @@ class Experts(nn.Module):
             self.b_out = nn.Parameter(torch.zeros(E, D))
         else:
             self.b_in = self.b_out = None
-        self.act = GELU()
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -181,18 +100,33 @@ class Experts(nn.Module):
         elif self.expert_type == "relu2":
             h = F.relu(F.linear(x, w_in)).square()
         else:
-            h = self.act(F.linear(x, w_in, b_in))
+            h = F.gelu(F.linear(x, w_in, b_in), approximate="tanh")     # GPT-2's GELU (utils.gpt.GELU)
         return F.linear(h, w_out, b_out)
 
-    def dense(self, x):
-        """All tokens through expert 0 (for E = 1: a dense MLP). x: (..., D) -> (..., D)."""
+    def as_mlp(self, x):
+        """A one-expert Experts used as a plain dense MLP (shared experts, the dense blocks of
+        utils/modern.py): every token through its expert. x: (..., D) -> (..., D)."""
+        if self.num_experts != 1:
+            raise ValueError(f"as_mlp needs exactly one expert, this Experts holds {self.num_experts}")
         return self([x])[0]
 
 
-def combine_dtype(x):
-    """The dtype in which the gate-weighted expert outputs are summed: float32 for bfloat16 or
-    float16 activations (the rounding of each partial sum would add up), else x's own dtype."""
-    return torch.promote_types(x.dtype, torch.float32)
+def combine_dtype(dtype):
+    """The dtype in which gate-weighted expert outputs of `dtype` are summed: float32 for bfloat16
+    or float16 (the rounding of each partial sum would add up), else the dtype itself."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def combine(y, token_idx, weight, num_tokens, dtype):
+    """The gate-weighted sum of the expert outputs of each token.
+
+    y: (A, d) one output row per assignment; token_idx, weight: (A,) its token and gate.
+    Returns (num_tokens, d) in `dtype`: out[t] = sum over t's assignments a of weight[a] * y[a],
+    accumulated in combine_dtype(dtype) and cast to dtype once, at the end.
+    """
+    acc = combine_dtype(dtype)
+    out = y.new_zeros(num_tokens, y.shape[1], dtype=acc)
+    return out.index_add_(0, token_idx, y.to(acc) * weight[:, None].to(acc)).to(dtype)
 
 
 def dispatch_loop(x, token_idx, expert_idx, weight, experts):
@@ -204,7 +138,7 @@ def dispatch_loop(x, token_idx, expert_idx, weight, experts):
     """
     masks = [expert_idx == e for e in range(experts.num_experts)]
     outputs = experts([x[token_idx[mask]] for mask in masks])
-    out = x.new_zeros(x.shape, dtype=combine_dtype(x))
+    out = x.new_zeros(x.shape, dtype=combine_dtype(x.dtype))
     for mask, y in zip(masks, outputs):
         out.index_add_(0, token_idx[mask], y.to(out.dtype) * weight[mask, None].to(out.dtype))
     return out.to(x.dtype)
@@ -222,9 +156,7 @@ def dispatch_sorted(x, token_idx, expert_idx, weight, experts):
     tokens = token_idx[order]
     x_sorted = torch.index_select(x, 0, tokens)                          # (A, D), grouped by expert
     y = torch.cat(experts(list(torch.split(x_sorted, counts))))          # (A, D)
-    dtype = combine_dtype(x)
-    y = y.to(dtype) * weight[order, None].to(dtype)
-    return x.new_zeros(x.shape, dtype=dtype).index_add_(0, tokens, y).to(x.dtype)
+    return combine(y, tokens, weight[order], x.shape[0], x.dtype)
 
 
 DISPATCH = {"loop": dispatch_loop, "sorted": dispatch_sorted}
@@ -266,48 +198,6 @@ def capacity_keep_mask(topk_idx, num_experts, capacity, priority="position"):
     return keep.reshape(k, -1).T.reshape(topk_idx.shape)
 
 
-def load_balancing_loss(probs, topk_idx):
-    """Switch-Transformer auxiliary loss E * sum_i f_i * P_i, with top-k.
-
-    f_i: the fraction of the N*k assignments that go to expert i (not differentiable);
-    P_i: the mean router probability of expert i (differentiable).
-    The loss is 1 for perfectly uniform routing. Its maximum is E / k: each token sends at most
-    one assignment to an expert, so f_i <= 1 / k and the loss <= E / k * sum_i P_i = E / k,
-    reached when all tokens go to the same k experts and put all their probability on them.
-    """
-    E = probs.shape[-1]
-    if topk_idx.numel() == 0:
-        return probs.sum() * 0.0                 # no tokens: nothing to balance (0, still in the graph)
-    f = torch.bincount(topk_idx.reshape(-1), minlength=E).float() / topk_idx.numel()
-    return E * torch.sum(f * probs.mean(dim=0))
-
-
-def sequence_balance_loss(probs, topk_idx, batch_size):
-    """DeepSeek-V3's sequence-wise balance loss, averaged over the sequences of the batch.
-
-    Per sequence of T tokens: f_i = E / (k T) * (assignments to expert i), P_i = mean over the
-    sequence of probs[:, i]; loss = sum_i f_i * P_i (1 when balanced within the sequence).
-    probs: (N, E) with N = batch_size * T; topk_idx: (N, k).
-    """
-    N, E = probs.shape
-    k = topk_idx.shape[1]
-    if N == 0:
-        return probs.sum() * 0.0                 # no tokens: nothing to balance
-    T = N // batch_size
-    counts = F.one_hot(topk_idx, E).sum(1).view(batch_size, T, E).sum(1).float()   # (B, E)
-    f = counts * E / (k * T)
-    P = probs.view(batch_size, T, E).mean(1)
-    return (f * P).sum(-1).mean()
-
-
-def router_z_loss(logits):
-    """ST-MoE z-loss: mean squared log-sum-exp of the router logits; keeps logits small and stable.
-    logits: (N, E); 0 when N = 0."""
-    if logits.shape[0] == 0:
-        return logits.sum() * 0.0
-    return torch.logsumexp(logits, dim=-1).pow(2).mean()
-
-
 class MoEFeedForward(nn.Module):
     """A routed MoE that replaces FeedForward: (B, T, D) -> (B, T, D).
 
@@ -315,7 +205,9 @@ class MoEFeedForward(nn.Module):
 
     After each forward pass:
       self.aux_loss      the weighted balancing losses (a tensor), which utils.train.train adds
-                         to the language-model loss;
+                         to the language-model loss (a plain training loop adds it itself:
+                         loss = loss + sum(m.aux_loss for m in model.modules()
+                                           if isinstance(m, MoEFeedForward)));
       self.last_routing  detached statistics of that batch (see routing_stats).
     """
 
@@ -360,32 +252,58 @@ class MoEFeedForward(nn.Module):
             return None
         return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
 
+    def cached_decoding_problem(self):
+        """Why this layer cannot decode token by token with a KV cache (None: it can). A capacity is
+        shared by the tokens of one forward pass, so one token at a time would drop other
+        assignments than the whole sequence does. utils.gpt.generate asks every module."""
+        if self.capacity_factor is None:
+            return None
+        return (f"use_cache=True needs dropless MoE layers, but a layer has capacity_factor="
+                f"{self.capacity_factor}: set it to None or pass use_cache=False")
+
+    def assignments(self, route, B, T):
+        """The (token, expert, gate) assignments that the experts serve, from a RouterOutput of
+        B*T tokens: token_idx, expert_idx, gate, each (A,), and keep, the (N, k) bool mask of the
+        assignments within capacity (None when dropless: all N*k are served)."""
+        N, k = route.topk_idx.shape
+        token_idx = torch.arange(N, device=route.topk_idx.device).repeat_interleave(k)  # token of each assignment
+        assigned = token_idx, route.topk_idx.reshape(-1), route.topk_weight.reshape(-1)
+        if self.capacity_factor is None:
+            return (*assigned, None)
+        pool = T if self.capacity_priority == "position" else N
+        keep = capacity_keep_mask(route.topk_idx.view(B, T, k), self.num_experts, self.capacity(pool),
+                                  self.capacity_priority).view(N, k)
+        return (*(a[keep.reshape(-1)] for a in assigned), keep)
+
+    def add_shared_expert(self, flat, out):
+        """out + the shared expert's output on flat (N, D) (gated when the config asks): (N, D)."""
+        if self.shared_expert is None:
+            return out
+        shared = self.shared_expert.as_mlp(flat)
+        if self.shared_expert_gate is not None:
+            shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
+        return out + shared
+
+    def balancing_loss(self, route, batch_size, sum_over_ranks=None):
+        """The weighted sum of the layer's balancing losses for a RouterOutput of batch_size
+        sequences; `sum_over_ranks` as in utils/router.py (expert parallelism)."""
+        loss = self.aux_loss_coef * load_balancing_loss(route.probs, route.topk_idx, sum_over_ranks)
+        if self.seq_aux_loss_coef > 0:
+            loss = loss + self.seq_aux_loss_coef * sequence_balance_loss(route.probs, route.topk_idx, batch_size)
+        if self.z_loss_coef > 0:
+            loss = loss + self.z_loss_coef * router_z_loss(route.logits, sum_over_ranks)
+        return loss
+
     def forward(self, x):
+        """x: (B, T, D) -> (B, T, D); also sets self.aux_loss and the routing of last_routing."""
         B, T, D = x.shape
         flat = x.reshape(-1, D)                                           # (N, D)
-        logits, scores, probs, topk_idx, topk_weight = self.router(flat)
-        N, k = topk_idx.shape
-        token_idx = torch.arange(N, device=x.device).repeat_interleave(k)  # (N*k,) token of each assignment
-        assignments = token_idx, topk_idx.reshape(-1), topk_weight.reshape(-1)
-        keep = None                                                       # dropless: every assignment kept
-        if self.capacity_factor is not None:
-            pool = T if self.capacity_priority == "position" else N
-            keep = capacity_keep_mask(topk_idx.view(B, T, k), self.num_experts, self.capacity(pool),
-                                      self.capacity_priority).view(N, k)
-            assignments = [a[keep.reshape(-1)] for a in assignments]
-        routed = self.dispatch(self.to_experts(flat), *assignments, self.experts)
-        out = self.from_experts(routed)
-        if self.shared_expert is not None:
-            shared = self.shared_expert.dense(flat)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
-            out = out + shared
-        self.aux_loss = self.aux_loss_coef * load_balancing_loss(probs, topk_idx)
-        if self.seq_aux_loss_coef > 0:
-            self.aux_loss = self.aux_loss + self.seq_aux_loss_coef * sequence_balance_loss(probs, topk_idx, B)
-        if self.z_loss_coef > 0:
-            self.aux_loss = self.aux_loss + self.z_loss_coef * router_z_loss(logits)
-        self._routing = (probs.detach(), topk_idx.detach(), keep)
+        route = self.router(flat)
+        token_idx, expert_idx, gate, keep = self.assignments(route, B, T)
+        routed = self.dispatch(self.to_experts(flat), token_idx, expert_idx, gate, self.experts)
+        out = self.add_shared_expert(flat, self.from_experts(routed))
+        self.aux_loss = self.balancing_loss(route, B)
+        self._routing = (route.probs.detach(), route.topk_idx.detach(), keep)
         return out.reshape(B, T, D)
 
     @property
@@ -429,134 +347,6 @@ def make_moe(cfg):
     return LatentMoE(cfg) if cfg.get("latent_dim") else MoEFeedForward(cfg)
 
 
-def is_moe_layer(cfg, layer):
-    """Whether block `layer` (0-based) of a validated model config has an MoE feed-forward."""
-    return cfg["num_experts"] > 0 and (layer + 1) % cfg["moe_every_n_layers"] == 0
-
-
-class MoEGPTModel(GPTModel):
-    """The GPT of utils/gpt.py with a routed MoE feed-forward (make_moe) in every
-    moe_every_n_layers-th block and the dense FeedForward in the others. With num_experts = 0 it
-    is the dense GPTModel. Token ids (B, T) -> logits (B, T, vocab_size)."""
-
-    def __init__(self, cfg):
-        cfg = validate_model_config(cfg)
-        super().__init__(cfg, feedforward=lambda layer: make_moe(cfg) if is_moe_layer(cfg, layer) else FeedForward(cfg))
-
-
-@torch.no_grad()
-def upcycle(dense_model, cfg):
-    """Sparse upcycling (Komatsuzaki et al. 2022, arXiv 2212.05055): an MoEGPTModel(cfg) that
-    starts from a trained dense model instead of from random weights.
-
-    Every weight outside the feed-forward layers (embeddings, attention, norms, output head) is
-    copied. In every MoE layer, each of the E experts is a copy of that block's trained
-    FeedForward, and the router is new, initialised from torch's current random state; dense
-    blocks keep their FeedForward. cfg must be the dense model's config plus the MoE keys, with
-    "gelu" experts whose moe_hidden_dim is the dense FeedForward's hidden size.
-
-    With renormalised top-k gates (norm_topk_prob, the default; they sum to 1) and
-    routed_scaling_factor 1, every token's output is sum_e gate_e * FFN(x) = FFN(x): the new model
-    computes exactly the dense model's function until training moves its experts apart.
-    """
-    if not isinstance(dense_model, GPTModel) or moe_layers(dense_model):
-        raise ValueError("dense_model must be a dense GPTModel (a model without MoE layers)")
-    cfg = validate_model_config(cfg)
-    hidden = dense_model.cfg["ffn_hidden_dim"]
-    if cfg["num_experts"] < 1:
-        raise ValueError(f"num_experts must be at least 1 to upcycle, got {cfg['num_experts']}")
-    for key in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias"):
-        if cfg[key] != dense_model.cfg[key]:
-            raise ValueError(f"cfg must describe the dense model's GPT: {key} is {cfg[key]!r} in cfg, "
-                             f"{dense_model.cfg[key]!r} in the dense model")
-    for key, allowed in (("expert_type", "gelu"), ("moe_hidden_dim", hidden), ("latent_dim", None),
-                         ("num_shared_experts", 0)):
-        if cfg[key] != allowed:
-            raise ValueError(f"upcycling copies the dense FeedForward (GELU, hidden {hidden}) into every "
-                             f"expert, so {key} must be {allowed!r}, got {cfg[key]!r}")
-    for key, allowed in (("norm_topk_prob", True), ("routed_scaling_factor", 1.0), ("capacity_factor", None)):
-        if cfg[key] != allowed:   # otherwise the gates would not sum to 1, or assignments would be dropped
-            raise ValueError(f"an upcycled model starts as the dense function only with {key} = {allowed!r}, "
-                             f"got {cfg[key]!r}")
-    model = MoEGPTModel(cfg)
-    dense_state = dense_model.state_dict()
-    for name, tensor in model.state_dict().items():
-        if ".ff." in name and not name.split(".ff.")[1].startswith("layers."):
-            continue                                         # MoE layers: filled below
-        if name not in dense_state or dense_state[name].shape != tensor.shape:
-            found = tuple(dense_state[name].shape) if name in dense_state else "nothing"
-            raise ValueError(f"cfg does not match the dense model at {name}: expected shape "
-                             f"{tuple(tensor.shape)}, the dense model has {found}")
-        tensor.copy_(dense_state[name])
-    for block, dense_block in zip(model.trf_blocks, dense_model.trf_blocks):
-        if isinstance(block.ff, MoEFeedForward):
-            fc1, fc2 = dense_block.ff.layers[0], dense_block.ff.layers[2]
-            experts = block.ff.experts
-            experts.w_in.copy_(fc1.weight.expand_as(experts.w_in))       # (E, H, D) <- (H, D)
-            experts.b_in.copy_(fc1.bias.expand_as(experts.b_in))
-            experts.w_out.copy_(fc2.weight.expand_as(experts.w_out))     # (E, D, H) <- (D, H)
-            experts.b_out.copy_(fc2.bias.expand_as(experts.b_out))
-    reference = next(dense_model.parameters())
-    return model.to(reference.device, reference.dtype)         # the router stays float32 (TopKRouter._apply)
-
-
-@torch.no_grad()
-def update_expert_biases(model, step=None):
-    """Auxiliary-loss-free balancing (DeepSeek-V3), as an `after_step` callback for train().
-
-    For every MoE layer with bias_update_rate > 0: expert_bias += rate * sign(mean load - load),
-    with the load counted from the layer's last batch. Overloaded experts become less likely to
-    be selected, underloaded ones more; no gradient and no loss term are involved.
-    """
-    for layer in moe_layers(model):
-        if layer.bias_update_rate > 0:
-            load = torch.bincount(layer.last_routing["topk_idx"].reshape(-1), minlength=layer.num_experts).float()
-            bias = layer.router.expert_bias
-            bias += layer.bias_update_rate * torch.sign(load.mean() - load).to(bias.device)
-
-
-def routing_stats(probs, topk_idx, keep=None):
-    """Statistics of one batch's routing (all detached):
-
-    tokens_per_expert (E,) assignments each expert received (after dropping),
-    load_imbalance     max / mean of tokens_per_expert (1.0 is perfectly balanced),
-    dropped_fraction   share of the N*k assignments dropped by the capacity limit,
-    router_entropy     mean entropy of the router distribution, in nats (ln E = undecided),
-    topk_idx           (N, k) the chosen experts.
-    A batch without tokens (N = 0) has zero loads, imbalance 1.0, nothing dropped and entropy 0.
-    """
-    E = probs.shape[-1]
-    keep = torch.ones_like(topk_idx, dtype=torch.bool) if keep is None else keep
-    counts = torch.bincount(topk_idx[keep], minlength=E)
-    p = probs.detach()
-    if topk_idx.shape[0] == 0:                   # no tokens: no load, nothing dropped, nothing to decide
-        return {"tokens_per_expert": counts, "load_imbalance": 1.0, "dropped_fraction": 0.0,
-                "router_entropy": 0.0, "topk_idx": topk_idx.detach()}
-    return {
-        "tokens_per_expert": counts,
-        "load_imbalance": (counts.max() / counts.float().mean()).item(),
-        "dropped_fraction": 1.0 - keep.float().mean().item(),
-        "router_entropy": -(p * torch.log(p.clamp_min(1e-9))).sum(-1).mean().item(),
-        "topk_idx": topk_idx.detach(),
-    }
-
-
 def moe_layers(model):
     """The MoE layers (MoEFeedForward, including LatentMoE) of a model, in order."""
     return [m for m in model.modules() if isinstance(m, MoEFeedForward)]
-
-
-class LoadRecorder:
-    """An `after_step` callback for utils.train.train that keeps every step's expert load.
-
-    After training, `loads()` is a (steps, layers, E) tensor of assignment counts.
-    """
-
-    def __init__(self):
-        self.history = []
-
-    def __call__(self, model, step):
-        self.history.append(torch.stack([m.last_routing["tokens_per_expert"].cpu() for m in moe_layers(model)]))
-
-    def loads(self):
-        return torch.stack(self.history)

@@ -9,8 +9,8 @@ layer a rank routes its tokens, sends each token vector to the rank that owns th
 what it received, and sends the results back (a second all-to-all), where they are combined with
 the gates.
 
-`launch(fn, world_size, ...)` runs fn in world_size local processes (gloo on CPU, nccl when every
-rank has a GPU) and returns their results; `ExpertParallelMoE` wraps an MoEFeedForward or LatentMoE;
+utils/launch.py starts the processes (`launch(fn, world_size, ...)`: gloo on CPU, nccl when every
+rank has a GPU); here, `ExpertParallelMoE` wraps an MoEFeedForward or LatentMoE;
 `generate_expert_parallel` decodes on every rank, all ranks stepping together until all are done.
 PyTorch's own launcher works too: `torchrun --standalone --nproc_per_node=2 -m utils.parallel` runs a
 check of the layer against the single-process one.
@@ -18,25 +18,16 @@ check of the layer against the single-process one.
 Shapes: W = world size, E = experts, E_r = E / W experts per rank, N = local tokens, k = top-k,
 A = N * k assignments, d = the experts' dimension (emb_dim, or latent_dim in a LatentMoE).
 """
-import faulthandler
-import io
 import operator
-import os
-import pickle
-import queue
-import socket
-import tempfile
-import time
-import traceback
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 from .config import is_count
-from .moe import Experts, MoEFeedForward, MoEGPTModel, combine_dtype, dispatch_sorted, make_moe
-from .train import aux_loss, lm_loss
+from .moe import Experts, MoEFeedForward, combine, dispatch_sorted, make_moe
+from .moe_gpt import MoEGPTModel
+from .train import train
 
 
 class AllToAll(torch.autograd.Function):
@@ -135,7 +126,7 @@ class ExpertParallelMoE(nn.Module):
             raise ValueError(f"moe must be an MoEFeedForward or LatentMoE, got {type(moe).__name__}")
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("no process group: call torch.distributed.init_process_group first, "
-                               "or run the code through utils.parallel.launch (or torchrun)")
+                               "or run the code through utils.launch.launch (or torchrun)")
         if moe.capacity_factor is not None:
             raise ValueError(f"capacity_factor must be None (dropless) for ExpertParallelMoE, got {moe.capacity_factor}")
         if moe.seq_aux_loss_coef > 0:
@@ -170,12 +161,10 @@ class ExpertParallelMoE(nn.Module):
             raise ValueError(f"x must be a (batch, tokens, emb_dim) tensor, got shape {tuple(x.shape)}")
         B, T, D = x.shape
         flat = x.reshape(B * T, D)                                            # (N, D), N may be 0
-        logits, scores, probs, topk_idx, topk_weight = moe.router(flat)
-        N, k = topk_idx.shape
-        expert_idx = topk_idx.reshape(-1)                                     # (A,)
+        route = moe.router(flat)
+        token_idx, expert_idx, gates, _ = moe.assignments(route, B, T)        # (A,) each, A = N * k
         order = torch.argsort(expert_idx, stable=True)                        # by expert, hence by rank
-        token_idx = torch.arange(N, device=x.device).repeat_interleave(k)[order]
-        sorted_experts = expert_idx[order]
+        token_idx, sorted_experts, gates = token_idx[order], expert_idx[order], gates[order]
         # How many rows go to each rank, and to each expert there: (W, E_r).
         send_matrix = torch.bincount(sorted_experts, minlength=W * E_r).view(W, E_r)
         recv_matrix = torch.empty_like(send_matrix)
@@ -197,44 +186,21 @@ class ExpertParallelMoE(nn.Module):
                                   self.local_experts)                           # (R, d), same row order
         returned = AllToAll.apply(results, recv_counts, send_counts, self.group)   # (A, d), order of `vectors`
 
-        gates = topk_weight.reshape(-1)[order]
-        dtype = combine_dtype(returned)                                       # as dispatch_sorted sums
-        out = flat.new_zeros(N, returned.shape[1], dtype=dtype).index_add_(0, token_idx, returned.to(dtype) * gates[:, None].to(dtype))
-        out = moe.from_experts(out.to(returned.dtype))
-        if moe.shared_expert is not None:
-            shared = moe.shared_expert.dense(flat)
-            if moe.shared_expert_gate is not None:
-                shared = torch.sigmoid(moe.shared_expert_gate(flat)) * shared
-            out = out + shared
-        self.aux_loss = self._global_losses(logits, probs, topk_idx)
-        moe._routing = (probs.detach(), topk_idx.detach(), None)             # for moe.last_routing
+        routed = combine(returned, token_idx, gates, B * T, returned.dtype)   # (N, d), as dispatch_sorted sums
+        out = moe.add_shared_expert(flat, moe.from_experts(routed))
+        # The single-process losses, with every token count and sum added up over the ranks.
+        self.aux_loss = moe.balancing_loss(route, B, sum_over_ranks=self.sum_over_ranks)
+        moe._routing = (route.probs.detach(), route.topk_idx.detach(), None)   # for moe.last_routing
         width = vectors.shape[1] * vectors.element_size()
         off_rank = sum(c for w, c in enumerate(send_counts) if w != self.rank) + \
             sum(c for w, c in enumerate(recv_counts) if w != self.rank)
         self.last_exchange = {"sent_rows": send_counts, "received_rows": recv_counts, "bytes_sent": off_rank * width}
         return out.reshape(B, T, D)
 
-    def _global_losses(self, logits, probs, topk_idx):
-        """The layer's balancing and z losses over all ranks' tokens (the single-process formulas).
-
-        logits, probs: (N, E); topk_idx: (N, k); N may be 0 on some ranks or all. Every rank sends
-        sums over its tokens (never means, which are NaN for N = 0) and divides by the global count:
-        total = 0 on every rank gives a loss of 0, as the single-process layer gives for no tokens.
-        """
-        moe = self.moe
-        E = moe.num_experts
-        N, k = topk_idx.shape
-        counts = torch.bincount(topk_idx.reshape(-1), minlength=E).float()
-        stats = torch.cat([counts, torch.tensor([float(N)], device=counts.device)])
-        dist.all_reduce(stats, group=self.group)
-        counts, total = stats[:E], stats[E].clamp_min(1.0)                  # counts are 0 when total is
-        prob_sum = AllReduceSum.apply(_in_graph(probs.sum(0)), self.group)    # (E,), differentiable
-        loss = moe.aux_loss_coef * E * torch.sum(counts / (total * k) * prob_sum / total)
-        if moe.z_loss_coef > 0:
-            # router_z_loss is the mean of this over the tokens: here the sum, 0 for N = 0.
-            z_sum = AllReduceSum.apply(_in_graph(torch.logsumexp(logits, dim=-1).pow(2).sum()), self.group)
-            loss = loss + moe.z_loss_coef * z_sum / total
-        return loss
+    def sum_over_ranks(self, t):
+        """t summed over the ranks of the group, with autograd (the gradient of the sum reaches
+        every rank's t). Every rank calls it alike: _in_graph keeps its backward on every rank."""
+        return AllReduceSum.apply(_in_graph(t), self.group)
 
 
 def expert_parallel(model, group=None):
@@ -285,7 +251,7 @@ def generate_expert_parallel(model, idx, max_new_tokens, *, eos_id=None, group=N
 
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("no process group: call torch.distributed.init_process_group first, "
-                           "or run the code through utils.parallel.launch (or torchrun)")
+                           "or run the code through utils.launch.launch (or torchrun)")
     steps, eos = _count_or_minus_one(max_new_tokens), (-2 if eos_id is None else _count_or_minus_one(eos_id))
     idx_ok = int(isinstance(idx, torch.Tensor) and idx.dim() == 2 and idx.shape[1] > 0)
     device = idx.device if isinstance(idx, torch.Tensor) else torch.device("cpu")
@@ -343,51 +309,59 @@ def destination_ranks(topk_idx, num_experts, world_size):
     return torch.nn.functional.one_hot(ranks, world_size).amax(1).sum(-1)
 
 
-def _sync_gradients(model, world_size, group=None):
-    """Data + expert parallelism: each rank's loss is the mean over its share of the tokens. A
-    replicated weight's gradient is averaged over ranks; a local expert's gradient already sums the
-    contributions of every rank's tokens (the all-to-all brought them back), so it is divided by W."""
-    for name, param in model.named_parameters():
-        if param.grad is None:
-            param.grad = torch.zeros_like(param)
-        if ".local_experts." not in f".{name}":
-            dist.all_reduce(param.grad, group=group)
-        param.grad /= world_size
+def expert_parallel_gradients(group=None):
+    """The `prepare_gradients` hook of utils.train.train for an expert-parallel model: it makes every
+    rank's gradients those of one process training on the whole batch, then clips them.
+
+    Each rank's loss is the mean over its share of the tokens. A replicated weight's gradient is
+    averaged over the ranks. A local expert's gradient already sums the contributions of every
+    rank's tokens (the reverse all-to-all brought them back), each computed from a rank-local mean,
+    so it is divided by W. Clipping uses the norm of all gradients of all ranks: the replicated
+    ones once, every rank's own experts added up over the ranks.
+    """
+    def prepare(model, grad_clip):
+        world_size = dist.get_world_size(group)
+        local = {id(p) for m in model.modules() if isinstance(m, ExpertParallelMoE)
+                 for p in m.local_experts.parameters()}
+        for param in model.parameters():
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            if id(param) not in local:
+                dist.all_reduce(param.grad, group=group)
+            param.grad /= world_size
+        if grad_clip is None:
+            return
+        squares = torch.zeros(2, dtype=torch.float64, device=_rank_device())   # [replicated, this rank's experts]
+        for param in model.parameters():
+            squares[int(id(param) in local)] += param.grad.double().pow(2).sum().to(squares.device)
+        experts_sq = squares[1:].clone()
+        dist.all_reduce(experts_sq, group=group)
+        norm = (squares[0] + experts_sq[0]).sqrt().item()
+        scale = min(1.0, grad_clip / (norm + 1e-6))          # the rule of torch.nn.utils.clip_grad_norm_
+        for param in model.parameters():
+            param.grad *= scale
+    return prepare
 
 
-def train_steps(model, batches, lr=1e-3, world_size=1, group=None):
-    """Plain AdamW steps (constant lr, no clipping) on batches, a list of (inputs, targets) token
-    id pairs (B, T); returns each step's loss (language model + auxiliary). Inside a process group
-    (world_size > 1) each rank passes its share of every batch, and the losses returned are the
-    global ones: the mean over ranks, which equals the loss of the whole batch."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    losses = []
-    for inputs, targets in batches:
-        loss = lm_loss(model(inputs), targets) + aux_loss(model)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        loss = loss.detach()
-        if world_size > 1:
-            _sync_gradients(model, world_size, group)
-            dist.all_reduce(loss, group=group)
-            loss /= world_size
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
-
-
-def train_expert_parallel(rank, world_size, cfg, batches, lr, seed):
+def train_expert_parallel(rank, world_size, cfg, batches, lr, seed, grad_clip=1.0):
     """For launch: build MoEGPTModel(cfg) from `seed` on every rank, make it expert-parallel, and
-    train it with train_steps on this rank's share (a contiguous slice of sequences) of each batch."""
+    train it with utils.train.train (AdamW, warmup + cosine schedule, clipping, as one process
+    would) for one step per batch, each rank on its share (a contiguous slice of sequences) of
+    each batch of `batches`, a list of (inputs, targets) token id pairs (B, T). Returns each step's
+    language-model loss of the whole batch (the mean of the ranks' losses).
+    """
     if batches[0][0].shape[0] % world_size:
         raise ValueError(f"the batch size ({batches[0][0].shape[0]}) must be divisible by the world size ({world_size})")
     device = _rank_device()
     torch.manual_seed(seed)
     model = expert_parallel(MoEGPTModel(cfg).to(device))
     share = batches[0][0].shape[0] // world_size
-    mine = [(x[rank * share:(rank + 1) * share].to(device), y[rank * share:(rank + 1) * share].to(device))
-            for x, y in batches]
-    return train_steps(model, mine, lr, world_size)
+    mine = [(x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]) for x, y in batches]
+    history = train(model, mine, None, max_steps=len(mine), peak_lr=lr, seed=seed, device=device,
+                    grad_clip=grad_clip, prepare_gradients=expert_parallel_gradients(), verbose=False)
+    losses = torch.tensor(history["batch_loss"], dtype=torch.float64, device=device)
+    dist.all_reduce(losses)
+    return (losses / world_size).tolist()
 
 
 @torch.no_grad()
@@ -411,127 +385,6 @@ def _rank_device():
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def free_port():
-    """A TCP port on localhost that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-_IMPORT_HINT = ("fn must be defined in an importable module (a .py file, imported by the notebook or "
-                "script), not in a notebook cell or an interactive session: each rank is a new Python "
-                "process that imports fn by its module and name")
-
-
-def _worker(rank, world_size, port, backend, fn_bytes, args, results, crash_log):
-    """One rank of launch: report (rank, torch.save'd result, None) or (rank, None, error text)."""
-    torch.set_num_threads(1)
-    with open(crash_log, "w") as log:
-        faulthandler.enable(log)                 # a segfault or abort leaves its Python traceback here
-        try:
-            try:
-                fn = pickle.loads(fn_bytes)      # fn is sent as bytes so that failing to import it is reported
-            except Exception:
-                results.put((rank, None, f"{traceback.format_exc()}\n{_IMPORT_HINT}"))
-                return
-            if backend == "nccl":
-                torch.cuda.set_device(rank)
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-            buffer = io.BytesIO()                # sent as bytes: tensors then outlive this process
-            torch.save(fn(rank, world_size, *args), buffer)
-            results.put((rank, buffer.getvalue(), None))
-        except Exception:
-            results.put((rank, None, traceback.format_exc()))
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-            faulthandler.disable()
-
-
-def _death_report(rank, exitcode, crash_log):
-    """Why a rank's process ended without reporting: its exit code or signal, what faulthandler
-    wrote, and the likely causes."""
-    how = f"was killed by signal {-exitcode}" if exitcode < 0 else f"exited with code {exitcode}"
-    try:
-        with open(crash_log) as log:
-            trace = log.read().strip()
-    except OSError:
-        trace = ""
-    text = f"rank {rank} {how} before reporting a result"
-    if trace:
-        text += f"; its last Python frames:\n{trace}"
-    return (text + "\nIt may have crashed (os._exit, a segfault, out of memory), or failed to start: fn and its "
-            f"arguments must be picklable and importable by a new process; {_IMPORT_HINT}. A child's own "
-            "traceback, if any, was printed on the standard error of the process that started Python or Jupyter.")
-
-
-def launch(fn, world_size, *args, backend=None, timeout=120):
-    """Run fn(rank, world_size, *args) in world_size new local processes that form a process group,
-    and return the list of their results, in rank order.
-
-    fn must be importable (defined in a module, not in a notebook cell), and its arguments and
-    result picklable. backend: "gloo" (CPU) by default, "nccl" when a GPU per rank is available.
-    Each process uses one CPU thread. An exception in any rank is raised here with its traceback;
-    a rank whose process ends without a result (it could not import fn, called os._exit, crashed)
-    raises a RuntimeError at once, naming the rank and its exit code; a rank that gives no result
-    within `timeout` seconds raises a RuntimeError. The other ranks are then terminated.
-    """
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo"
-    if backend not in ("gloo", "nccl"):
-        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
-    try:
-        fn_bytes = pickle.dumps(fn)
-    except Exception as err:
-        raise ValueError(f"fn cannot be sent to the new processes ({err}); {_IMPORT_HINT}") from err
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = free_port()
-    logs = tempfile.TemporaryDirectory(prefix="launch-")
-    crash_logs = [os.path.join(logs.name, f"rank{rank}.log") for rank in range(world_size)]
-    procs = [ctx.Process(target=_worker, args=(rank, world_size, port, backend, fn_bytes, args, results, crash_logs[rank]))
-             for rank in range(world_size)]
-    outputs = {}
-    try:
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + timeout
-        while len(outputs) < world_size:
-            try:
-                rank, value, error = results.get(timeout=0.1)
-            except queue.Empty:
-                silent = [r for r, p in enumerate(procs) if r not in outputs and p.exitcode is not None]
-                if silent:
-                    # Its result may still be in the pipe: an exited process has flushed what it put.
-                    try:
-                        rank, value, error = results.get(timeout=1.0)
-                    except queue.Empty:
-                        r = silent[0]
-                        raise RuntimeError(_death_report(r, procs[r].exitcode, crash_logs[r])) from None
-                elif time.monotonic() > deadline:
-                    raise RuntimeError(f"no result from {world_size - len(outputs)} rank(s) within {timeout} s") from None
-                else:
-                    continue
-            if error is not None:
-                # A rank that died silently is often the cause of another's error ("Connection closed by peer").
-                dead = [_death_report(r, p.exitcode, crash_logs[r]).split("\n")[0]
-                        for r, p in enumerate(procs) if r != rank and r not in outputs and p.exitcode not in (None, 0)]
-                raise RuntimeError(f"rank {rank} failed:\n{error}" + "".join(f"\n(also: {d})" for d in dead))
-            outputs[rank] = torch.load(io.BytesIO(value), weights_only=False)
-    finally:
-        for p in procs:
-            if p.pid is not None:                # started
-                p.join(timeout if len(outputs) == world_size else 0)
-                if p.is_alive():
-                    p.terminate()
-                    p.join(5)
-        results.close()
-        logs.cleanup()
-    return [outputs[rank] for rank in range(world_size)]
 
 
 def _check_under_torchrun():

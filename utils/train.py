@@ -29,7 +29,7 @@ def lm_loss(logits, targets):
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
-def aux_loss(model):
+def total_aux_loss(model):
     """Sum of the `aux_loss` tensors that modules stored during the last forward pass (0 if none)."""
     terms = [m.aux_loss for m in model.modules() if getattr(m, "aux_loss", None) is not None]
     return sum(terms) if terms else torch.zeros(())
@@ -87,6 +87,14 @@ def parameter_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def clip_gradients(model, grad_clip):
+    """The gradient step's preparation by default: scale all gradients together so that their
+    global norm is at most grad_clip (None: leave them as they are). utils/parallel.py passes its
+    own preparation to train, which first averages the gradients over the ranks."""
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+
+
 def _batches(loader):
     """Loop over the loader forever (a new shuffled epoch each time round). A loader that yields
     nothing in a whole pass raises a ValueError instead of looping forever."""
@@ -103,13 +111,17 @@ def _batches(loader):
 
 def train(model, train_loader, val_loader, max_steps, peak_lr=1e-3, min_lr=None, warmup_steps=None,
           weight_decay=0.1, grad_clip=1.0, eval_every=50, eval_batches=None, device=None, seed=0,
-          after_step=None, verbose=True):
+          after_step=None, prepare_gradients=clip_gradients, verbose=True):
     """Train `model` for `max_steps` optimizer steps and return a history dict.
 
     history["step"], ["val_loss"], ["train_loss"], ["tokens_seen"] hold one entry per evaluation
     (every `eval_every` steps, plus step 0 before training and the last step); train_loss is the
-    mean LM loss since the previous evaluation. history["lr"] has one entry per step.
-    `after_step(model, step)` is called after every optimizer step (e.g. to update router biases).
+    mean LM loss since the previous evaluation. history["lr"], ["batch_loss"] (the LM loss of the
+    step's batch) and ["aux_loss"] have one entry per step. With val_loader None nothing is
+    evaluated (the val_loss entries are NaN).
+    Two hooks: `prepare_gradients(model, grad_clip)` runs after backward and before the optimizer
+    step (default: clip_gradients; expert parallelism averages gradients over ranks there), and
+    `after_step(model, step)` after every optimizer step (e.g. to update router biases).
     """
     for name, value in (("max_steps", max_steps), ("eval_every", eval_every)):
         if not is_count(value) or value == 0:
@@ -120,12 +132,12 @@ def train(model, train_loader, val_loader, max_steps, peak_lr=1e-3, min_lr=None,
     min_lr = 0.1 * peak_lr if min_lr is None else min_lr
     warmup_steps = max(1, max_steps // 20) if warmup_steps is None else warmup_steps
     optimizer = torch.optim.AdamW(parameter_groups(model, weight_decay), lr=peak_lr, betas=(0.9, 0.95))
-    history = {"step": [], "train_loss": [], "val_loss": [], "tokens_seen": [], "lr": [], "aux_loss": []}
+    history = {"step": [], "train_loss": [], "val_loss": [], "tokens_seen": [], "lr": [], "batch_loss": [], "aux_loss": []}
     tokens_seen, running, running_n = 0, 0.0, 0
     start = time.perf_counter()
 
     def log_eval(step):
-        val = evaluate(model, val_loader, eval_batches, device)
+        val = evaluate(model, val_loader, eval_batches, device) if val_loader is not None else float("nan")
         train_mean = running / running_n if running_n else float("nan")
         history["step"].append(step)
         history["val_loss"].append(val)
@@ -146,11 +158,10 @@ def train(model, train_loader, val_loader, max_steps, peak_lr=1e-3, min_lr=None,
         x, y = next(batches)
         x, y = x.to(device), y.to(device)
         loss = lm_loss(model(x), y)
-        extra = aux_loss(model)
+        extra = total_aux_loss(model)
         optimizer.zero_grad(set_to_none=True)
         (loss + extra).backward()
-        if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        prepare_gradients(model, grad_clip)
         optimizer.step()
         if after_step is not None:
             after_step(model, step)
@@ -158,6 +169,7 @@ def train(model, train_loader, val_loader, max_steps, peak_lr=1e-3, min_lr=None,
         running += loss.item()
         running_n += 1
         history["lr"].append(lr)
+        history["batch_loss"].append(loss.item())
         history["aux_loss"].append(float(extra.detach()))
         if step % eval_every == 0 or step == max_steps:
             log_eval(step)
