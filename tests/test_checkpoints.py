@@ -19,9 +19,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from utils import checkpoints
-from utils.checkpoints import (SUPPORTED_MODEL_TYPES, config_from_hf, load_hf_checkpoint, model_from_hf_config,
-                               save_hf_checkpoint)
-from utils.modern import ModernMoEModel, RMSNorm, apply_rope, generate, rope_cos_sin, rope_inverse_frequencies
+from utils.checkpoints import load_hf_checkpoint, model_from_hf_config, save_hf_checkpoint
+from utils.gpt import generate
+from utils.hf_to_course import SUPPORTED_MODEL_TYPES, config_from_hf
+from utils.modern import ModernMoEModel, RMSNorm, apply_rope, rope_cos_sin, rope_inverse_frequencies
+from utils.moe import MoEFeedForward
 
 COMMON = {"a": dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=64),
@@ -160,7 +162,7 @@ def test_each_piece_equals_the_transformers_module(saved, family, variant):
             x, y = seen[pre + "self_attn"]
             torch.testing.assert_close(block.att(x, cos, sin), y, atol=1e-5, rtol=1e-5)
             x, y = seen[pre + moe_name]
-            ff = block.ff(x) if hasattr(block.ff, "router") else block.ff.dense(x)
+            ff = block.ff(x) if hasattr(block.ff, "router") else block.ff.as_mlp(x)
             torch.testing.assert_close(ff, y, atol=1e-5, rtol=1e-5)
 
 
@@ -223,10 +225,10 @@ def test_bfloat16_loading_keeps_the_router_in_float32(saved, variant):
     ours = load_hf_checkpoint(path, dtype="bfloat16")
     full = load_hf_checkpoint(path, dtype="float32")
     assert ours.tok_emb.weight.dtype == torch.bfloat16
-    moe = [block.ff for block in ours.trf_blocks if isinstance(block.ff, checkpoints.MoEFeedForward)]
+    moe = [block.ff for block in ours.trf_blocks if isinstance(block.ff, MoEFeedForward)]
     assert moe and all(ff.experts.w_in.dtype == torch.bfloat16 for ff in moe)
     routers = [ff.router for ff in moe]
-    routers32 = [block.ff.router for block in full.trf_blocks if isinstance(block.ff, checkpoints.MoEFeedForward)]
+    routers32 = [block.ff.router for block in full.trf_blocks if isinstance(block.ff, MoEFeedForward)]
     assert all(r.gate.weight.dtype == torch.float32 for r in routers)
     calls = []                                          # (router input, logits, chosen experts) per MoE layer
     hooks = [r.register_forward_hook(lambda module, args, out: calls.append((args[0], out[0], out[3])))
@@ -465,7 +467,8 @@ def test_real_configs_build_the_parameters_notebook_08_counts(name):
     """The published config.json of every supported real model builds (on the meta device: shapes
     only) a decoder with exactly the parameter count utils.params counts from the config, and
     every tensor name the loader expects has the shape of the published per-expert layout."""
-    from utils.params import count_parameters, load_model_config
+    from utils.params import count_parameters
+    from utils.published import load_model_config
 
     hf = load_model_config(name)
     model = model_from_hf_config(hf, device="meta")
@@ -473,7 +476,7 @@ def test_real_configs_build_the_parameters_notebook_08_counts(name):
     names = checkpoints.hf_tensor_map(model)
     E = model.cfg["num_experts"]
     expert_names = [n for n in names if ".experts." in n or "input_linear" in n]
-    assert len(expert_names) == sum(isinstance(b.ff, checkpoints.MoEFeedForward) for b in model.trf_blocks) * (
+    assert len(expert_names) == sum(isinstance(b.ff, MoEFeedForward) for b in model.trf_blocks) * (
         1 if hf["model_type"] == "granitemoe" else 3 * E)
 
 

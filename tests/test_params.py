@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from utils.gpt import GPT_CONFIG_124M
-from utils.moe import MoEFeedForward, MoEGPTModel, fine_grained, moe_layers
+from utils.moe import MoEFeedForward, fine_grained
+from utils.moe_gpt import MoEGPTModel
 from utils.params import count_parameters, parameter_breakdown
 
 BASE = {"vocab_size": 97, "context_length": 16, "emb_dim": 32, "n_heads": 4, "n_layers": 4}
@@ -39,13 +40,15 @@ def traced_active(model, token=5):
     a single token, attention's softmax is constant, so query and key weights get a zero gradient
     although the token uses them.)"""
     model.eval()
-    names, params = zip(*model.named_parameters())
+    params = list(model.parameters())
+    embeddings = {id(p) for table in (model.tok_emb, model.pos_emb) for p in table.parameters()}
+    routed = {id(p) for m in model.modules() if isinstance(m, MoEFeedForward) for p in m.experts.parameters()}
     grads = torch.autograd.grad(model(torch.tensor([[token]])).sum(), params, allow_unused=True)
     touched = 0
-    for name, p, g in zip(names, params, grads):
-        if name.startswith(("tok_emb", "pos_emb")):
+    for p, g in zip(params, grads):
+        if id(p) in embeddings:
             touched += p.numel()
-        elif ".experts." in name:
+        elif id(p) in routed:
             used = g.reshape(p.shape[0], -1).abs().sum(-1) > 0
             touched += int(used.sum()) * p[0].numel()
         elif g is not None:
@@ -78,12 +81,24 @@ def test_moe_active_counts_k_of_e_experts():
     assert c["total"] - c["active"] == 4 * 4 * per_expert
 
 
+@pytest.mark.parametrize("kind", ["gelu", "swiglu", "relu2"])
+def test_the_mlp_formula_counts_the_experts_module(kind):
+    from utils.counting import mlp_parameters
+    from utils.moe import Experts
+
+    experts = Experts(3, 32, 24, kind)                       # the course's GELU experts have biases
+    assert 3 * mlp_parameters(kind, 32, 24, biases=kind == "gelu") == sum(p.numel() for p in experts.parameters())
+    with pytest.raises(ValueError, match="expert_type must be one of"):
+        mlp_parameters("tanh", 32, 24)
+
+
 def test_bad_course_config():
     with pytest.raises(ValueError, match="unknown config key"):
         count_parameters({**MOE, "n_experts": 4})
 
 
-from utils.params import kv_cache_bytes, moe_layer_costs, weight_bytes  # noqa: E402
+from utils.memory import kv_cache_bytes, weight_bytes  # noqa: E402
+from utils.params import moe_layer_costs  # noqa: E402
 
 
 @pytest.mark.parametrize("cfg", [

@@ -7,11 +7,12 @@ import warnings
 import pytest
 import torch
 
-from utils.params import (DEEPSEEK_V3_WEIGHTS_QUOTE, HF_FAMILIES, MLA_FAMILIES, PUBLISHED_ACTIVE_EXCLUDES,
-                          attention_layer_types, cached_tokens_per_layer, count_parameters, kv_cache_bytes,
-                          load_model_config, moe_layer_shape, published_comparison, published_unit,
-                          recurrent_state_bytes, text_config, within_published_precision, recurrent_state_values,
+from utils.hf_config import HF_FAMILIES, MLA_FAMILIES, attention_layer_types, moe_layer_shape, text_config
+from utils.memory import (cached_tokens_per_layer, kv_cache_bytes, recurrent_state_bytes, recurrent_state_values,
                           serving_cache_bytes)
+from utils.params import count_parameters
+from utils.published import (DEEPSEEK_V3_WEIGHTS_QUOTE, PUBLISHED_ACTIVE_EXCLUDES, load_model_config,
+                             published_comparison, published_unit, within_published_precision)
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -479,8 +480,8 @@ def test_cheat_sheet_keys_agree_with_the_loader_of_notebook_11(name):
     and computes for the config. E and the widths come from its tensors' shapes, k, renormalisation
     and softmax scoring from running its router, the shared expert and its gate from its modules,
     and the MoE layers from where its routers are."""
-    from utils.checkpoints import config_from_hf, model_from_hf_config
-    from utils.hf_params import course_moe_keys
+    from utils.checkpoints import model_from_hf_config
+    from utils.hf_to_course import config_from_hf, course_moe_keys
     from utils.moe import MoEFeedForward
 
     config = load_model_config(name)
@@ -493,7 +494,7 @@ def test_cheat_sheet_keys_agree_with_the_loader_of_notebook_11(name):
 
 
 def test_cheat_sheet_keys_of_deepseek_and_nemotron_match_transformers_configs():
-    from utils.hf_params import course_moe_keys
+    from utils.hf_to_course import course_moe_keys
 
     for name, expected in (("deepseek-v3", dict(router_type="sigmoid", routed_scaling_factor=2.5, n_group=8, topk_group=4,
                                                 num_shared_experts=1, balancing="bias", expert_type="swiglu")),

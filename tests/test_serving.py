@@ -2,10 +2,12 @@ import pytest
 import torch
 
 from utils.gpt import KVCache
-from utils.moe import MoEGPTModel, moe_layers
-from utils.params import count_parameters, load_model_config
-from utils.serving import (SHIPPED_FORMATS, WEIGHT_FORMATS, decode_step_weight_bytes, expected_experts_touched,
-                           experts_touched_per_step, format_of_config, stored_weight_bytes)
+from utils.moe import moe_layers
+from utils.moe_gpt import MoEGPTModel
+from utils.memory import WEIGHT_FORMATS, format_of_config, stored_weight_bytes
+from utils.params import count_parameters
+from utils.published import SHIPPED_FORMATS, load_model_config
+from utils.serving import decode_step_weight_bytes, expected_experts_touched, experts_touched_per_step
 
 TINY = {"vocab_size": 50, "context_length": 16, "emb_dim": 16, "n_heads": 2, "n_layers": 2, "drop_rate": 0.0,
         "num_experts": 8, "num_experts_per_tok": 2, "moe_hidden_dim": 8}
@@ -142,4 +144,4 @@ def test_kv_cache_of_the_decode_loop_is_the_models_dtype():
     model = MoEGPTModel(TINY).to(torch.bfloat16)
     touched = experts_touched_per_step(model, torch.randint(0, 50, (2, 6)), 3)
     assert touched.shape == (3, 2)
-    assert KVCache(TINY, 1).nbytes() == 2 * 2 * 16 * 16 * 4
+    assert KVCache(model.kv_cache_shape, 1).nbytes() == 2 * 2 * 16 * 16 * 4

@@ -2,7 +2,8 @@
 
 A published model directory holds config.json (the architecture) and the weights in one or more
 *.safetensors files (with model.safetensors.index.json when sharded). This module
-  1. turns config.json into a config of utils.modern.ModernMoEModel (config_from_hf),
+  1. builds a utils.modern.ModernMoEModel for config.json (model_from_hf_config; the config
+     itself is translated by utils.hf_to_course.config_from_hf),
   2. names, for every tensor of the checkpoint, the slice of our model it fills (hf_tensor_map):
      the published files keep one matrix per expert (mlp.experts.{e}.gate_proj.weight), while
      our Experts stack them into one (E, H, D) tensor per weight,
@@ -13,8 +14,8 @@ then copies the checkpoint in one tensor at a time: the memory peak is the model
 never two copies of the weights. safetensors reads tensors straight from the file (no pickle,
 so no code runs on load), which is why real checkpoints ship in it.
 
-Supported families: SUPPORTED_MODEL_TYPES. Each is checked against transformers' own
-implementation in tests/test_checkpoints.py.
+Supported families: utils.hf_to_course.SUPPORTED_MODEL_TYPES. Each is checked against
+transformers' own implementation in tests/test_checkpoints.py.
 """
 import json
 import pathlib
@@ -23,108 +24,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .hf_params import course_moe_keys
+from .hf_to_course import LOADABLE_DTYPES, config_from_hf, refuse_quantized
 from .modern import ModernMoEModel
 from .moe import Experts, MoEFeedForward
 
-SUPPORTED_MODEL_TYPES = ("granitemoe", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _get(hf, key, model_type):
-    if key not in hf:
-        raise ValueError(f"config.json of a {model_type} model has no {key!r}")
-    return hf[key]
-
-
-def _rope(hf, model_type):
-    """(rope_theta, partial_rotary_factor) from a config.json, old layout or transformers 5's
-    rope_parameters; RoPE variants that rescale positions (YaRN, linear, ...) are refused."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise ValueError(f"rope type {rope_type!r} is not supported (supported: 'default')")
-    default_theta = 1e6 if model_type == "mixtral" else 10000.0
-    theta = params.get("rope_theta", hf.get("rope_theta", default_theta))
-    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-    return float(theta), partial
-
-
-def refuse_quantized(hf):
-    """Raise a ValueError if a config.json dict declares quantised weights (a quantization_config).
-
-    A quantised checkpoint (FP8 with block scales as in DeepSeek-V3 or Qwen3-FP8, MXFP4, GPTQ,
-    AWQ, bitsandbytes, ...) stores low-precision tensors next to the scales that give them their
-    values (e.g. weight_scale_inv), and often packs several values into one element. Copying such
-    a tensor into a float parameter without its scale gives wrong weights, so it is refused
-    before any tensor is read."""
-    quant = hf.get("quantization_config")
-    if quant is None:
-        return
-    method = quant.get("quant_method") if isinstance(quant, dict) else None
-    raise ValueError(
-        f"config.json has a quantization_config (quant_method {method!r}): quantised checkpoints are not "
-        f"supported yet. This loader reads unquantised weights only ({', '.join(DTYPES)}): load the "
-        "model's unquantised (e.g. bfloat16) release instead, or dequantise the checkpoint first")
-
-
-def config_from_hf(hf):
-    """A Hugging Face config.json dict -> the config dict of utils.modern.ModernMoEModel.
-
-    Raises a ValueError for an unsupported model_type (listing the supported ones), a quantised
-    checkpoint (a quantization_config) or a feature this decoder does not implement
-    (sliding-window attention, scaled RoPE, an activation other than SiLU), instead of building a
-    model that would compute something else.
-    """
-    refuse_quantized(hf)
-    model_type = hf.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model_type {model_type!r} is not supported; supported: {list(SUPPORTED_MODEL_TYPES)}")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (the experts are SwiGLU: 'silu')")
-    window = hf.get("sliding_window")
-    if hf.get("use_sliding_window") or (model_type == "mixtral" and window is not None
-                                        and window < hf.get("max_position_embeddings", 0)):
-        raise ValueError(f"sliding-window attention (sliding_window={window}) is not supported")
-    D = _get(hf, "hidden_size", model_type)
-    H = _get(hf, "num_attention_heads", model_type)
-    head_dim = hf.get("head_dim") or D // H
-    theta, partial = _rope(hf, model_type)
-    # The MoE layer (E, k, widths, renormalisation, shared expert) is read as notebook 08's
-    # cheat-sheet reads it; the rest of this function is about attention and the model around it.
-    moe = {key: value for key, value in course_moe_keys(hf).items()
-           if key not in ("balancing", "router_aux_loss_coef")}
-    cfg = {
-        "vocab_size": _get(hf, "vocab_size", model_type),
-        "context_length": _get(hf, "max_position_embeddings", model_type),
-        "emb_dim": D,
-        "n_heads": H,
-        "n_layers": _get(hf, "num_hidden_layers", model_type),
-        "n_kv_heads": hf.get("num_key_value_heads") or H,
-        "head_dim": head_dim,
-        "rope_theta": theta,
-        "rotary_dim": int(head_dim * partial),
-        "qk_norm": {"qwen3_moe": "head", "olmoe": "full"}.get(model_type),
-        "clip_qkv": hf.get("clip_qkv") if model_type == "olmoe" else None,
-        # Qwen2-MoE always has q/k/v biases and no output bias; the others follow attention_bias.
-        "qkv_bias": hf.get("qkv_bias", True) if model_type == "qwen2_moe" else hf.get("attention_bias", False),
-        "out_proj_bias": False if model_type == "qwen2_moe" else hf.get("attention_bias", False),
-        "norm_eps": _get(hf, "rms_norm_eps", model_type),
-        "tie_embeddings": hf.get("tie_word_embeddings", False),
-        **moe,
-        "aux_loss_coef": hf.get("router_aux_loss_coef") or 0.0,
-    }
-    if model_type in ("qwen2_moe", "qwen3_moe"):
-        cfg["ffn_hidden_dim"] = hf.get("intermediate_size")
-        cfg["moe_every_n_layers"] = hf.get("decoder_sparse_step", 1)
-        cfg["dense_layers"] = tuple(hf.get("mlp_only_layers") or ())
-    if model_type == "granitemoe":
-        cfg.update(embedding_multiplier=hf.get("embedding_multiplier", 1.0),
-                   residual_multiplier=hf.get("residual_multiplier", 1.0),
-                   attention_multiplier=hf.get("attention_multiplier", 1.0),
-                   logits_scaling=hf.get("logits_scaling", 1.0))
-    return cfg
+DTYPES = {name: getattr(torch, name) for name in LOADABLE_DTYPES}   # name -> torch dtype
 
 
 def model_from_hf_config(hf, dtype=torch.float32, device="cpu"):

@@ -1,52 +1,23 @@
-"""Serving an MoE: how many experts a batch of decode steps touches, which weights a decode step
-must read, and the formats real models ship their weights in.
+"""Serving an MoE: how many experts a batch of decode steps touches, and which weights a decode
+step must read.
 
 Generating text runs one token per sequence per step (decode). Each step multiplies a few vectors
 by every weight matrix it uses, so on a GPU its time is bounded by reading those weights from
 memory, not by arithmetic. A dense model reads all its weights every step. An MoE reads its
 non-expert weights plus the experts its tokens chose: k experts per layer for one sequence, nearly
-all E for a large batch, where each sequence's token picks its own k.
+all E for a large batch, where each sequence's token picks its own k. The weights' formats and
+sizes are utils/memory.py's.
 
 Shapes: B = batch (sequences decoded together), T = prompt length, L = MoE layers.
 """
 import torch
 
+from .config import is_moe_block, validate_model_config
 from .gpt import KVCache
-from .moe import is_moe_layer, moe_layers
-from .config import validate_model_config
-from .hf_params import ties_word_embeddings
-from .params import count_parameters, moe_layer_shape
-
-# Bits per stored weight, per parameter component of utils.params.count_parameters:
-# (bits of every component not listed, {component: bits}).
-#   "fp8":   8-bit floats (e4m3) with one float32 scale per 128 x 128 block in every linear layer;
-#            embeddings, output head, norms and router kept in bfloat16 (DeepSeek-V3, arXiv
-#            2412.19437, section 3.3; its config.json: quant_method "fp8", weight_block_size [128, 128]).
-#   "mxfp4": the routed experts' weights in MXFP4, 4-bit values sharing an 8-bit scale per 32 (4.25
-#            bits per parameter), the rest in bfloat16 (gpt-oss model card, arXiv 2508.10925;
-#            config.json: quant_method "mxfp4"). The experts' small bias vectors are counted at 4.25 bits too.
-_FP8_LINEAR = 8 + 32 / (128 * 128)
-WEIGHT_FORMATS = {
-    "float32": (32, {}),
-    "bfloat16": (16, {}),
-    "fp8": (16, {c: _FP8_LINEAR for c in ("attention", "recurrent", "dense_ffn", "routed_experts",
-                                           "shared_experts", "latent_proj")}),
-    "mxfp4": (16, {"routed_experts": 4.25}),
-}
-# The format each shipped config's model is published in; bfloat16 for the others. The configs of
-# Kimi K2 and gpt-oss-120b carry it in their quantization_config (a test checks that they agree);
-# the copies of DeepSeek-V3's and gpt-oss-20b's config here lack that field.
-SHIPPED_FORMATS = {"deepseek-v3": "fp8", "kimi-k2": "fp8", "gpt-oss-20b": "mxfp4", "gpt-oss-120b": "mxfp4"}
-
-
-def format_of_config(config):
-    """The weight format a config.json's quantization_config declares ("bfloat16" when none)."""
-    method = (config.get("quantization_config") or {}).get("quant_method")
-    if method is None:
-        return "bfloat16"
-    if method not in WEIGHT_FORMATS:
-        raise ValueError(f"quant_method must be one of {tuple(WEIGHT_FORMATS)}, got {method!r}")
-    return method
+from .hf_config import moe_layer_shape, ties_word_embeddings
+from .memory import bits_per_weight
+from .moe import moe_layers
+from .params import count_parameters
 
 
 def expected_experts_touched(num_experts, top_k, batch_size):
@@ -86,7 +57,7 @@ def experts_touched_per_step(model, token_ids, prompt_len):
     was_training = model.training
     model.eval()
     try:
-        cache = KVCache(model.cfg, B, token_ids.device, next(model.parameters()).dtype)
+        cache = KVCache(model.kv_cache_shape, B, token_ids.device, next(model.parameters()).dtype)
         model(token_ids[:, :prompt_len], cache=cache)                    # prefill
         touched = []
         for t in range(prompt_len, T):
@@ -103,21 +74,8 @@ def _moe_shape(config):
         shape = moe_layer_shape(config)
         return shape["num_experts"], shape["top_k"], shape["moe_layers"]
     cfg = validate_model_config(config)
-    n_moe = sum(is_moe_layer(cfg, layer) for layer in range(cfg["n_layers"]))
+    n_moe = sum(is_moe_block(cfg, layer) for layer in range(cfg["n_layers"]))
     return cfg["num_experts"], cfg["num_experts_per_tok"], n_moe
-
-
-def _bits(fmt, component):
-    if fmt not in WEIGHT_FORMATS:
-        raise ValueError(f"fmt must be one of {tuple(WEIGHT_FORMATS)}, got {fmt!r}")
-    default, special = WEIGHT_FORMATS[fmt]
-    return special.get(component, default)
-
-
-def stored_weight_bytes(config, fmt="bfloat16"):
-    """Bytes of all weights of a course or Hugging Face config stored in a WEIGHT_FORMATS format."""
-    components = count_parameters(config)["components"]
-    return sum(n * _bits(fmt, c) / 8 for c, n in components.items())
 
 
 def decode_step_weight_bytes(config, batch_size, fmt="bfloat16", experts_touched=None):
@@ -142,7 +100,7 @@ def decode_step_weight_bytes(config, batch_size, fmt="bfloat16", experts_touched
     if "model_type" in config and ties_word_embeddings(config):
         other["lm_head"] = other.get("lm_head", 0) + counts["embedding"]
     experts = counts.get("routed_experts", 0) * (experts_touched / E if n_moe else 0)
-    result = {"experts": experts * _bits(fmt, "routed_experts") / 8,
-              "other": sum(n * _bits(fmt, c) / 8 for c, n in other.items())}
+    result = {"experts": experts * bits_per_weight(fmt, "routed_experts") / 8,
+              "other": sum(n * bits_per_weight(fmt, c) / 8 for c, n in other.items())}
     result["total"] = result["experts"] + result["other"]
     return result
