@@ -4,12 +4,13 @@ import pytest
 import torch
 
 from utils.data import DOMAINS, create_dataloader
-from utils.experiments import (EXPERIMENTS, base_config, continue_run, continued_runs, course_seed, describe,
-                               evaluate_at_capacity, experiment_runs, load_sweep, match_output_scale, merge_sweeps,
-                               paired_differences, per_seed, start_continued, summarize, sweep_run_names, train_run)
-from utils.moe import MoEGPTModel
+from utils.experiments import (EXPERIMENTS, base_config, continued_runs, experiment_runs, load_sweep,
+                               match_output_scale, merge_sweeps, start_continued, sweep_run_names)
+from utils.moe_gpt import MoEGPTModel
 from utils.moe import make_moe, moe_layers
 from utils.routing_analysis import expert_shares, route_tokens, token_matched_shares, tv_distance
+from utils.runs import (continue_run, course_seed, describe, evaluate_at_capacity, paired_differences, per_seed,
+                        summarize, train_run)
 
 
 def test_course_seed_reads_the_environment(monkeypatch):
@@ -148,16 +149,16 @@ class RecordingData(TinyData):
 
 
 def test_continue_run_trains_on_the_batches_after_the_first_ones(monkeypatch):
-    import utils.experiments as experiments
+    import utils.runs as runs_module
     seen = []
-    real_train = experiments.train
+    real_train = runs_module.train
 
     def spy(model, loader, *args, **kwargs):
         batches = iter(loader)
         recorded = (seen.append(batch[0][0, 0].item()) or batch for batch in batches)
         return real_train(model, type("L", (), {"__iter__": lambda self: recorded})(), *args, **kwargs)
 
-    monkeypatch.setattr(experiments, "train", spy)
+    monkeypatch.setattr(runs_module, "train", spy)
     data = RecordingData()
     model, _, _ = train_run(TINY_MOE, data, seed=0, steps=3, eval_every=3, device="cpu")
     _, history, recorder = continue_run(model, data, seed=0, steps=4, after=3, eval_every=2, device="cpu")

@@ -1,10 +1,5 @@
-"""The training experiments of notebooks 05-07, runnable for any seed, and the seed sweeps behind
+"""The experiments of notebooks 05-07: which runs each notebook trains, and the seed sweeps behind
 their claims.
-
-Seeds. Every training notebook reads its seed with `course_seed()`, from the environment variable
-COURSE_SEED (default 0). One seed fixes a run's initial weights, its batch order and its dropout
-masks. All runs compared within a notebook use the same seed, so they start from the same random
-state and see the same batches: their difference is a *paired* comparison.
 
 Spread. One seed can mislead: two runs 0.02 nats apart may swap places with the next seed. A
 sweep trains one notebook's runs for several seeds and records, per run and seed, the validation
@@ -13,172 +8,30 @@ imbalance. Run it with
 
     python -m utils.experiments 05 --seeds 0 1 2 3 4 5 6 7
 
-which writes utils/assets/seed_sweeps/05.json; the notebooks read those files to state the
-spread behind each claim (`paired_differences`, `summarize`). Some runs start from another run's
-trained model and train a few more steps (`continue_run`, EXPERIMENTS[notebook]["continued"]):
-notebook 05's sparse-upcycling comparison.
+which writes utils/assets/seed_sweeps/05.json; the notebooks read those files (`load_sweep`) to
+state the spread behind each claim (utils.runs: `paired_differences`, `describe`). Some runs start
+from another run's trained model and train a few more steps (`continue_run`,
+EXPERIMENTS[notebook]["continued"]): notebook 05's sparse-upcycling comparison.
 
-Evaluation protocol (the same in notebooks 04-07): the whole validation split, both domains,
-unshuffled, every batch; per-domain losses on each domain's part of that split.
+A single run, its seed (COURSE_SEED) and the evaluation protocol are in utils/runs.py.
 """
 import argparse
 import copy
-import itertools
 import json
-import math
 import os
 import pathlib
 import platform
-import statistics
 import time
 
 import torch
 
 from .config import validate_model_config
-from .data import DOMAINS, create_dataloader, load_compact_splits, load_token_splits
-from .moe import LoadRecorder, MoEGPTModel, fine_grained, make_moe, moe_layers, update_expert_biases, upcycle
-from .tokenizer import get_tokenizer
-from .train import evaluate, get_device, lm_loss, train
+from .moe import fine_grained, make_moe, moe_layers
+from .moe_gpt import upcycle
+from .runs import CourseData, continue_run, run_summary, train_run
+from .train import get_device
 
 SWEEP_DIR = pathlib.Path(__file__).with_name("assets") / "seed_sweeps"
-
-
-def course_seed(default=0):
-    """The seed of this run: the integer in the environment variable COURSE_SEED, else `default`."""
-    value = os.environ.get("COURSE_SEED", "").strip()
-    if not value:
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"COURSE_SEED must be an integer, got {value!r}") from None
-
-
-class CourseData:
-    """The corpus as notebooks 05-07 train on it: a compact vocabulary of `max_vocab` ids (the
-    most frequent tokens plus one "rare" id), the train/validation split, and loaders.
-
-    val_ids: the whole validation split (both domains); val_ids_by_domain: {domain: its part}.
-    """
-
-    def __init__(self, max_vocab=4096, batch_size=8, context_length=128, tokenizer=None):
-        tokenizer = tokenizer or get_tokenizer()
-        self.vocab, self.train_ids, self.val_ids = load_compact_splits(tokenizer, max_vocab=max_vocab)
-        self.val_ids_by_domain = {d: self.vocab.encode(load_token_splits(tokenizer, domain=d)[1]) for d in DOMAINS}
-        self.batch_size, self.context_length = batch_size, context_length
-
-    def train_loader(self, seed):
-        """Shuffled training windows; `seed` fixes the order."""
-        return create_dataloader(self.train_ids, self.batch_size, self.context_length, seed=seed)
-
-    def val_loader(self, domain=None):
-        """Every validation window, in order: of both domains, or of one."""
-        ids = self.val_ids if domain is None else self.val_ids_by_domain[domain]
-        return create_dataloader(ids, self.batch_size, self.context_length, shuffle=False, drop_last=False)
-
-
-def train_run(cfg, data, seed, steps, *, eval_every, peak_lr=3e-3, device=None, prepare=None):
-    """Build MoEGPTModel(cfg) (dense when num_experts is 0) with `seed`, train it on `data` with
-    batches in `seed`'s order for `steps` steps, evaluating every `eval_every` (EXPERIMENTS[notebook] holds each notebook's
-    values), and return (model, history, recorder). `prepare(model)`, if given, runs before training.
-
-    history is utils.train.train's, plus "domain_val_loss": {domain: final loss}. recorder is a
-    LoadRecorder of every step's expert load (None for a dense model). Auxiliary-loss-free bias
-    updates run after every step (they do nothing unless cfg sets bias_update_rate).
-    """
-    torch.manual_seed(seed)
-    model = MoEGPTModel(cfg)
-    if prepare is not None:
-        prepare(model)
-    return _train_on(model, data, seed, steps, 0, eval_every, peak_lr, device)
-
-
-def continue_run(model, data, seed, steps, *, after, eval_every, peak_lr=3e-3, device=None):
-    """Train an already trained `model` (in place) for `steps` more steps, on the batches of
-    `seed`'s order that follow the first `after` (those a train_run of `after` steps has not seen),
-    with a fresh AdamW and the same warmup + cosine schedule as train_run, now over `steps` steps.
-    Returns (model, history, recorder) as train_run does; history["step"] counts from `after`, while
-    history["tokens_seen"] and the recorder count this continuation only.
-    """
-    model, history, recorder = _train_on(model, data, seed, steps, after, eval_every, peak_lr, device)
-    history["step"] = [after + step for step in history["step"]]
-    return model, history, recorder
-
-
-def _train_on(model, data, seed, steps, skip, eval_every, peak_lr, device):
-    recorder = LoadRecorder() if moe_layers(model) else None
-
-    def after_step(m, step):
-        update_expert_biases(m)
-        recorder(m, step)
-
-    # every epoch in the loader's order, repeated; the first `skip` batches left out
-    batches = itertools.islice(itertools.chain.from_iterable(itertools.repeat(data.train_loader(seed))), skip, None)
-    history = train(model, batches, data.val_loader(), max_steps=steps, peak_lr=peak_lr,
-                    eval_every=eval_every, device=device, seed=seed, verbose=False,
-                    after_step=after_step if recorder else None)
-    history["domain_val_loss"] = {d: evaluate(model, data.val_loader(d)) for d in DOMAINS}
-    return model, history, recorder
-
-
-@torch.no_grad()
-def evaluate_at_capacity(model, loader, capacity_factor):
-    """(mean loss per token, mean share of dropped assignments) of an MoE model evaluated with every
-    MoE layer's capacity_factor set to `capacity_factor` (None: dropless). Both are weighted by
-    tokens: a partial last batch counts for the tokens it has. The model is left as it was, even
-    if evaluation raises."""
-    if capacity_factor is not None and not (isinstance(capacity_factor, (int, float)) and not isinstance(
-            capacity_factor, bool) and math.isfinite(capacity_factor) and capacity_factor > 0):
-        raise ValueError(f"capacity_factor must be None (dropless) or a finite number > 0, got {capacity_factor!r}")
-    layers = moe_layers(model)
-    saved = [layer.capacity_factor for layer in layers]
-    device = next(model.parameters()).device
-    was_training = model.training
-    total, tokens, dropped = 0.0, 0, 0.0
-    try:
-        for layer in layers:
-            layer.capacity_factor = capacity_factor
-        model.eval()
-        for x, y in loader:
-            total += lm_loss(model(x.to(device)), y.to(device)).item() * y.numel()
-            tokens += y.numel()
-            dropped += statistics.fmean(layer.last_routing["dropped_fraction"] for layer in layers) * y.numel()
-    finally:
-        model.train(was_training)
-        for layer, c in zip(layers, saved):
-            layer.capacity_factor = c
-    if tokens == 0:
-        raise ValueError("the loader produced no batches")
-    return total / tokens, dropped / tokens
-
-
-def late_imbalance(recorder, last_steps=50):
-    """Worst layer's max/mean expert load, from the loads summed over the last `last_steps` steps."""
-    loads = recorder.loads()[-last_steps:].sum(0).float()                 # (layers, E)
-    return (loads.max(-1).values / loads.mean(-1)).max().item()
-
-
-@torch.no_grad()
-def match_output_scale(model, reference_cfg, n_tokens=2048, seed=0):
-    """Rescale each LatentMoE layer's up-projection so that, at initialisation, the layer's output
-    has the root-mean-square of a freshly built `reference_cfg` layer on the same random input.
-
-    A latent layer's output starts smaller than a standard layer's: the up-projection spreads l
-    values over d coordinates, and averaging over more experts (larger top-k) shrinks it too. This
-    removes that difference, so a comparison of the two measures the architecture, not the init.
-    Returns the list of factors applied.
-    """
-    x = torch.randn(1, n_tokens, reference_cfg["emb_dim"], generator=torch.Generator().manual_seed(seed))
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        target = make_moe(reference_cfg)(x).pow(2).mean().sqrt()
-    factors = []
-    for layer in moe_layers(model):
-        if getattr(layer, "up_proj", None) is not None:
-            factor = (target / layer(x.to(layer.up_proj.weight.device)).pow(2).mean().sqrt().cpu()).item()
-            layer.up_proj.weight.mul_(factor)
-            factors.append(factor)
-    return factors
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,6 +99,31 @@ def start_continued(parent, cfg, seed):
     return copy.deepcopy(parent)
 
 
+# Notebook 07's control: surgery on a freshly built latent model, before it trains.
+
+@torch.no_grad()
+def match_output_scale(model, reference_cfg, n_tokens=2048, seed=0):
+    """Rescale each LatentMoE layer's up-projection so that, at initialisation, the layer's output
+    has the root-mean-square of a freshly built `reference_cfg` layer on the same random input.
+
+    A latent layer's output starts smaller than a standard layer's: the up-projection spreads l
+    values over d coordinates, and averaging over more experts (larger top-k) shrinks it too. This
+    removes that difference, so a comparison of the two measures the architecture, not the init.
+    Returns the list of factors applied.
+    """
+    x = torch.randn(1, n_tokens, reference_cfg["emb_dim"], generator=torch.Generator().manual_seed(seed))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        target = make_moe(reference_cfg)(x).pow(2).mean().sqrt()
+    factors = []
+    for layer in moe_layers(model):
+        if getattr(layer, "up_proj", None) is not None:
+            factor = (target / layer(x.to(layer.up_proj.weight.device)).pow(2).mean().sqrt().cpu()).item()
+            layer.up_proj.weight.mul_(factor)
+            factors.append(factor)
+    return factors
+
+
 def prepare_07(base):
     """07's control: the l=32 latent model with its output scale matched to the standard one's at init."""
     standard = runs_07(base)["standard: 8 experts, top-2"]
@@ -263,7 +141,7 @@ EXPERIMENTS = {"05": {"runs": runs_05, "steps": 120, "eval_every": 40, "capacity
 
 
 def experiment_runs(notebook, vocab_size):
-    """{run name: (config, prepare or None)} of a notebook's experiment (see train_run)."""
+    """{run name: (config, prepare or None)} of a notebook's experiment (see utils.runs.train_run)."""
     if notebook not in EXPERIMENTS:
         raise ValueError(f"notebook must be one of {tuple(EXPERIMENTS)}, got {notebook!r}")
     base = base_config(vocab_size)
@@ -285,22 +163,6 @@ def continued_runs(notebook, vocab_size):
 def sweep_run_names(notebook, vocab_size):
     """Every run a sweep of `notebook` trains, in the notebook's order: the runs, then the continued ones."""
     return list(experiment_runs(notebook, vocab_size)) + list(continued_runs(notebook, vocab_size))
-
-
-SWEEP_CAPACITIES = (0.5, 1.0, None)
-
-
-def run_summary(model, history, recorder, data, capacity_eval=False):
-    """What a sweep keeps of one run. With capacity_eval, for MoE models also the validation loss
-    evaluated at capacity factors 0.5, 1.0 and dropless ("none"), whatever capacity they trained with."""
-    summary = {"step": history["step"], "val_loss": history["val_loss"],
-               "final_val_loss": history["val_loss"][-1], "domain_val_loss": history["domain_val_loss"],
-               "late_imbalance": late_imbalance(recorder) if recorder is not None else None,
-               "seconds": history["seconds"]}
-    if recorder is not None and capacity_eval:
-        summary["val_loss_at_capacity"] = {str(c).lower(): evaluate_at_capacity(model, data.val_loader(), c)[0]
-                                           for c in SWEEP_CAPACITIES}
-    return summary
 
 
 def seed_sweep(notebook, seeds, device=None, data=None, steps=None, only=None, verbose=True):
@@ -351,29 +213,6 @@ def load_sweep(notebook):
     if not path.is_file():
         raise ValueError(f"no stored sweep for notebook {notebook!r}; run python -m utils.experiments {notebook}")
     return json.loads(path.read_text())
-
-
-def per_seed(sweep, run, key="final_val_loss"):
-    """[value of `key` for each seed of the sweep] for one run."""
-    return [sweep["runs"][run][str(s)][key] for s in sweep["seeds"]]
-
-
-def paired_differences(sweep, run, baseline, key="final_val_loss"):
-    """[run minus baseline] per seed: the spread that matters when two runs share seeds."""
-    return [a - b for a, b in zip(per_seed(sweep, run, key), per_seed(sweep, baseline, key))]
-
-
-def summarize(values):
-    """{"mean", "sd", "min", "max", "n"} of a list of numbers (sd: sample standard deviation)."""
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "n": len(values)}
-
-
-def describe(values, unit=""):
-    """'mean +0.123 (sd 0.012, from +0.100 to +0.140, 8 seeds)' for a list of differences."""
-    s = summarize(values)
-    return (f"mean {s['mean']:+.3f}{unit} (sd {s['sd']:.3f}, from {s['min']:+.3f} to {s['max']:+.3f}, "
-            f"{s['n']} seeds)")
 
 
 def _sweep_one_run(notebook, seed, run, device, threads, steps):
