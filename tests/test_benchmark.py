@@ -118,7 +118,8 @@ def test_sorted_dispatch_equals_transformers_mixtral_block_and_reports_the_speed
 def test_kv_cache_speeds_up_decoding_at_least_1_5x():
     """The KV cache's bar: 200 new tokens for a batch of 4 prompts from a 4-layer model, with and
     without the cache."""
-    from utils.gpt import GPTModel, generate
+    from utils.generation import generate
+    from utils.gpt import GPTModel
     from utils.benchmark import time_calls
     torch.manual_seed(0)
     model = GPTModel({"vocab_size": 512, "context_length": 256, "emb_dim": 64, "n_heads": 4, "n_layers": 4,

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from utils.gpt import (GPT_CONFIG_124M, GELU, GPTModel, KVCache, LayerNorm, MultiHeadAttention, generate,
-                       validate_gpt_config)
+from utils.generation import KVCache, generate
+from utils.gpt import GELU, GPT_CONFIG_124M, GPTModel, LayerNorm, MultiHeadAttention, validate_gpt_config
 from utils.moe_gpt import MoEGPTModel
 
 TINY = {"vocab_size": 97, "context_length": 16, "emb_dim": 32, "n_heads": 4, "n_layers": 2,
@@ -209,7 +209,7 @@ def test_both_attentions_hand_contiguous_inputs_to_sdpa_where_the_device_needs_t
     # the CPU by declaring the CPU such a device and recording what reaches SDPA.
     import utils.gpt
     from utils.modern import GroupedQueryAttention, rope_cos_sin, rope_inverse_frequencies
-    from utils.config import validate_modern_config
+    from utils.modern import validate_modern_config
 
     seen = []
     real = torch.nn.functional.scaled_dot_product_attention

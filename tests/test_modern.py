@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from utils.gpt import KVCache, generate
+from utils.generation import KVCache, generate
 from utils.modern import ModernMoEModel
 
 SMALL = dict(vocab_size=50, context_length=32, emb_dim=32, n_heads=4, n_layers=2, n_kv_heads=2,

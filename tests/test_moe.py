@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from utils.gpt import GPTModel
-from utils.moe import Experts, MoEFeedForward, capacity_keep_mask, dispatch_loop, dispatch_sorted, make_moe, moe_layers
+from utils.experts import Experts, dispatch_loop, dispatch_sorted
+from utils.moe import MoEFeedForward, capacity_keep_mask, make_moe, moe_layers
 from utils.moe_gpt import MoEGPTModel, upcycle
 from utils.router import TopKRouter, load_balancing_loss, router_z_loss
 from utils.train import total_aux_loss
@@ -215,7 +216,8 @@ def test_gpt_module_reads_no_moe_or_modern_key():
     import inspect
 
     import utils.gpt
-    from utils.config import GPT_OPTIONAL_KEYS, GPT_REQUIRED_KEYS, MODERN_OPTIONAL_KEYS, MOE_OPTIONAL_KEYS
+    from utils.config import GPT_OPTIONAL_KEYS, GPT_REQUIRED_KEYS, MOE_OPTIONAL_KEYS
+    from utils.modern import MODERN_OPTIONAL_KEYS
 
     source = inspect.getsource(utils.gpt)
     foreign = (set(MOE_OPTIONAL_KEYS) | set(MODERN_OPTIONAL_KEYS)) - set(GPT_OPTIONAL_KEYS) - set(GPT_REQUIRED_KEYS)

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from utils.gpt import generate
+from utils.generation import generate
 from utils.moe import make_moe
 from utils.moe_gpt import MoEGPTModel
 from utils.launch import launch
@@ -20,7 +20,11 @@ BASE = {"emb_dim": 16, "num_experts": 8, "num_experts_per_tok": 2, "moe_hidden_d
 CONFIGS = {"plain": BASE,
            "shared + sigmoid + z-loss": {**BASE, "num_shared_experts": 1, "router_type": "sigmoid",
                                          "expert_type": "swiglu", "z_loss_coef": 0.001},
-           "latent": {**BASE, "latent_dim": 8, "expert_type": "relu2"}}
+           "latent": {**BASE, "latent_dim": 8, "expert_type": "relu2"},
+           "sequence-wise loss": {**BASE, "seq_aux_loss_coef": 0.01}}
+# Uneven batches are compared with one sequence of all ranks' tokens: the same tokens in other
+# sequences, which the sequence-wise loss tells apart.
+UNEVEN_CONFIGS = {name: cfg for name, cfg in CONFIGS.items() if not cfg.get("seq_aux_loss_coef")}
 SEQS_PER_RANK, T = 2, 5
 CFG = {"vocab_size": 40, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 2, "drop_rate": 0.0,
        **{k: v for k, v in BASE.items() if k != "emb_dim"}}            # a small GPT with MoE layers, to train
@@ -37,10 +41,10 @@ def expert_parallel_steps(rank, world_size, decoding):
     """Every check's measurements on this rank, in one launch: expert_parallel_step for every
     config, uneven and empty batches, collapsed routing, a few training steps of a small GPT, the
     errors of bad configs, and lockstep decoding (`decoding`: see decoding_setup)."""
-    from utils.parallel import train_expert_parallel
+    from utils.parallel_runs import train_expert_parallel
     results = {name: expert_parallel_step(rank, world_size, cfg) for name, cfg in CONFIGS.items()}
     results["uneven"] = {(scenario, name): uneven_step(rank, world_size, cfg, shapes)
-                         for scenario, shapes in SHAPES[world_size].items() for name, cfg in CONFIGS.items()}
+                         for scenario, shapes in SHAPES[world_size].items() for name, cfg in UNEVEN_CONFIGS.items()}
     results["collapsed"] = collapsed_step(rank, world_size)
     results["training"] = train_expert_parallel(rank, world_size, CFG, training_batches(), 1e-2, 3, grad_clip=0.05)
     results["errors"] = build_errors(rank, world_size)
@@ -63,12 +67,12 @@ def expert_parallel_step(rank, world_size, cfg):
     layer = ExpertParallelMoE(moe)
     y = layer(x)
     # The summed loss over ranks is the single-process loss: the aux loss is global, so each rank takes 1/W.
-    (y.pow(2).sum() + layer.aux_loss / world_size).backward()
+    (y.pow(2).sum() + layer.moe.aux_loss / world_size).backward()
     expert_grads = {name: p.grad for name, p in layer.local_experts.named_parameters()}
     routed = layer.moe.last_routing["topk_idx"]                                 # this rank's tokens' choices
     replicated = {name: p.grad for name, p in layer.moe.named_parameters()}
     return {"y": y.detach(), "x_grad": x.grad, "expert_grads": expert_grads, "replicated_grads": replicated,
-            "aux_loss": layer.aux_loss.item(), "expert_params": sum(p.numel() for p in layer.local_experts.parameters()),
+            "aux_loss": layer.moe.aux_loss.item(), "expert_params": sum(p.numel() for p in layer.local_experts.parameters()),
             "exchange": layer.last_exchange, "routed": routed,
             "local_weights": {name: p.detach() for name, p in layer.local_experts.named_parameters()}}
 
@@ -100,8 +104,8 @@ def uneven_step(rank, world_size, cfg, shapes):
     x = tokens[start:start + B * T_r].reshape(B, T_r, D).clone().requires_grad_(True)
     layer = ExpertParallelMoE(moe).train()
     y = layer(x)
-    ((y * weights[start:start + B * T_r].reshape(B, T_r, D)).sum() + layer.aux_loss / world_size).backward()
-    return {"y": y.detach(), "x_grad": x.grad, "aux_loss": layer.aux_loss.item(),
+    ((y * weights[start:start + B * T_r].reshape(B, T_r, D)).sum() + layer.moe.aux_loss / world_size).backward()
+    return {"y": y.detach(), "x_grad": x.grad, "aux_loss": layer.moe.aux_loss.item(),
             "expert_grads": grads(layer.local_experts), "replicated_grads": grads(layer.moe)}
 
 
@@ -123,8 +127,8 @@ def collapsed_step(rank, world_size):
         x = tokens[rank * 6:(rank + 1) * 6].reshape(2, 3, -1).requires_grad_(case == "mixed" and rank == 0)
         layer = ExpertParallelMoE(moe).train()
         y = layer(x)
-        ((y * weights[rank * 6:(rank + 1) * 6].reshape(2, 3, -1)).sum() + layer.aux_loss / world_size).backward()
-        results[case] = {"y": y.detach(), "x_grad": x.grad, "aux_loss": layer.aux_loss.item(),
+        ((y * weights[rank * 6:(rank + 1) * 6].reshape(2, 3, -1)).sum() + layer.moe.aux_loss / world_size).backward()
+        results[case] = {"y": y.detach(), "x_grad": x.grad, "aux_loss": layer.moe.aux_loss.item(),
                          "received": sum(layer.last_exchange["received_rows"]),
                          "expert_grads": grads(layer.local_experts), "replicated_grads": grads(layer.moe)}
     return results
@@ -199,7 +203,7 @@ def assert_equals_single_process(moe, x, w, ranks, world_size, x_grad_ranks=None
             assert torch.allclose(sum(r["replicated_grads"][name] for r in ranks), expected[name], atol=1e-5), name
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", list(UNEVEN_CONFIGS))
 def test_uneven_and_empty_ranks_equal_the_single_process_layer(runs, name):
     """Different B and T per rank, and ranks with B = 0 or T = 0: outputs, input, expert and router
     gradients and the global aux loss (z-loss included: finite with an empty rank) as one process."""
@@ -232,7 +236,7 @@ def test_a_rank_without_rows_and_an_input_without_grad(runs):
 
 
 BAD = {"6 experts": {**BASE, "num_experts": 6}, "bias updates": {**BASE, "bias_update_rate": 0.01},
-       "capacity": {**BASE, "capacity_factor": 1.0}, "sequence loss": {**BASE, "seq_aux_loss_coef": 0.01}}
+       "capacity": {**BASE, "capacity_factor": 1.0}}
 
 
 def build_errors(rank, world_size):
@@ -255,7 +259,6 @@ def test_bad_input_is_rejected(runs):
             assert "6 experts" not in errors                                   # 6 experts over 2 ranks: fine
         assert "bias_update_rate must be 0" in errors["bias updates"]
         assert "capacity_factor must be None" in errors["capacity"]
-        assert "seq_aux_loss_coef must be 0" in errors["sequence loss"]
 
 
 GEN_CFG = {**CFG, "context_length": 16}
@@ -379,7 +382,7 @@ def test_expert_and_data_parallel_training_equals_one_process(runs):
 
 
 def test_rank_loads_and_destinations():
-    from utils.parallel import destination_ranks, rank_loads
+    from utils.routing_analysis import destination_ranks, rank_loads
 
     topk = torch.tensor([[0, 1], [0, 7], [5, 4], [2, 6]])                      # 8 experts over 4 ranks: pairs
     assert rank_loads(topk, 8, 4).tolist() == [3, 1, 2, 2]

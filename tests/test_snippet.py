@@ -9,7 +9,7 @@ import textwrap
 from utils.course import ROOT
 
 # What the README's "Using an MoE layer in your own project" tells a learner to copy.
-SNIPPET_FILES = ("config.py", "router.py", "moe.py")
+SNIPPET_FILES = ("config.py", "router.py", "experts.py", "moe.py")
 BALANCING_LINE = "loss = loss + sum(m.aux_loss for m in model.modules() if isinstance(m, MoEFeedForward))"
 
 LOOP = textwrap.dedent('''
@@ -18,7 +18,7 @@ LOOP = textwrap.dedent('''
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
-    from mymoe.moe import MoEFeedForward
+    from mymoe.moe import MoEFeedForward, make_moe
 
     class TinyLM(nn.Module):                  # a nanoGPT-style model without attention, for brevity
         def __init__(self, cfg):
@@ -53,6 +53,15 @@ LOOP = textwrap.dedent('''
     grad = torch.autograd.grad(balancing, model.ff.router.gate.weight)[0]
     assert balancing.item() > 0 and grad.abs().sum() > 0, (balancing, grad)
     assert losses[-1] < losses[0] - 0.1, losses
+
+    # The other variants the copied files build: latent, gated shared expert, capacity, loop dispatch.
+    variant = make_moe({**cfg, "latent_dim": 8, "num_shared_experts": 1, "shared_expert_gate": True,
+                        "capacity_factor": 1.0, "moe_dispatch": "loop", "router_type": "sigmoid",
+                        "seq_aux_loss_coef": 0.01, "z_loss_coef": 0.001})
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    y = variant(x)
+    (y.pow(2).mean() + variant.aux_loss).backward()
+    assert y.shape == x.shape and x.grad is not None and variant.last_routing["dropped_fraction"] >= 0
     print("trained", round(losses[0], 3), "->", round(losses[-1], 3))
 ''').replace("BALANCING_LINE", BALANCING_LINE)
 
@@ -70,6 +79,23 @@ def test_copied_moe_layer_trains_in_a_plain_loop(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "trained" in run.stdout
+
+
+def test_snippet_files_import_only_each_other_torch_and_the_standard_library():
+    """Also imports inside functions, which the training script above might not reach."""
+    import ast
+
+    allowed_relative = {name[:-3] for name in SNIPPET_FILES}
+    for name in SNIPPET_FILES:
+        tree = ast.parse((ROOT / "utils" / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert node.module in allowed_relative, f"{name} imports .{node.module}"
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+                for module in modules:
+                    top = module.split(".")[0]
+                    assert top == "torch" or top in sys.stdlib_module_names, f"{name} imports {module}"
 
 
 def test_readme_names_the_snippet_files_and_the_line():

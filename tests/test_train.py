@@ -153,7 +153,8 @@ def test_bad_arguments():
 
 
 def test_parameter_groups_decay_weight_matrices_only():
-    from utils.moe import Experts, moe_layers
+    from utils.experts import Experts
+    from utils.moe import moe_layers
     from utils.moe_gpt import MoEGPTModel
     from utils.train import parameter_groups
 

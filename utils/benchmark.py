@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from .config import validate_moe_config
-from .moe import Experts
+from .experts import Experts
 
 
 class DenseEquivalent(nn.Module):
@@ -26,7 +26,7 @@ class DenseEquivalent(nn.Module):
         self.mlp = Experts(1, cfg["emb_dim"], hidden, cfg["expert_type"])
 
     def forward(self, x):
-        return self.mlp([x])[0]
+        return self.mlp.as_mlp(x)
 
 
 def synchronize(device):

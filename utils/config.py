@@ -40,7 +40,7 @@ MoE config keys (in the same dict as the GPT's keys; see MOE_OPTIONAL_KEYS for t
     latent_dim           LatentMoE: the experts work in this dimension, at most emb_dim (None: plain
                          MoE; emb_dim: the projections without the compression)
     moe_dispatch         "sorted" (fast, default) or "loop" (the readable reference); same results
-    moe_every_n_layers   in GPTModel, layer i (0-based) is an MoE layer when (i + 1) % n == 0;
+    moe_every_n_layers   in MoEGPTModel, layer i (0-based) is an MoE layer when (i + 1) % n == 0;
                          at most n_layers
 """
 import difflib
@@ -86,7 +86,7 @@ def is_count(value):
 def check_positive_int(cfg, *keys):
     for key in keys:
         value = cfg[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        if not is_count(value) or value == 0:
             raise ValueError(f"config[{key!r}] must be a positive integer, got {value!r}")
 
 
@@ -152,16 +152,16 @@ def check_number(cfg, key, minimum, strict):
         raise ValueError(f"config[{key!r}] must be a finite number {'>' if strict else '>='} {minimum}, got {value!r}")
 
 
-def validate_moe_config(cfg):
+def validate_moe_config(cfg, also_allowed=()):
     """Check the MoE keys of a config (defaults filled in); raise ValueError naming the bad field.
 
     When the config also describes the whole model (it has n_layers), moe_every_n_layers is
-    checked against n_layers too.
+    checked against n_layers too. Keys in also_allowed may be present (another module reads them).
     """
-    # An MoE layer's config is often the whole model's: every key a model config may hold is
-    # allowed, and any other key (a typo such as 'capacity_factr') is an error.
+    # An MoE layer's config is often the whole GPT's: every key a GPT config may hold is allowed,
+    # and any other key (a typo such as 'capacity_factr') is an error.
     cfg = check_config(cfg, ("emb_dim",), MOE_OPTIONAL_KEYS,
-                       also_allowed=(*GPT_REQUIRED_KEYS, *GPT_OPTIONAL_KEYS, *MODERN_OPTIONAL_KEYS))
+                       also_allowed=(*GPT_REQUIRED_KEYS, *GPT_OPTIONAL_KEYS, *also_allowed))
     check_positive_int(cfg, "emb_dim", "num_experts", "num_experts_per_tok", "moe_hidden_dim",
                        "moe_every_n_layers", "n_group", "topk_group")
     check_bool(cfg, "norm_topk_prob", "shared_expert_gate")
@@ -194,7 +194,7 @@ def validate_moe_config(cfg):
                              f"num_experts_per_tok ({k}) experts")
 
     S = cfg["num_shared_experts"]
-    if isinstance(S, bool) or not isinstance(S, int) or S < 0:
+    if not is_count(S):
         raise ValueError(f"config['num_shared_experts'] must be an integer >= 0, got {S!r}")
     for key in ("shared_expert_hidden_dim", "latent_dim"):
         if cfg[key] is not None:
@@ -225,36 +225,12 @@ def validate_model_config(cfg):
 def check_experts_count(cfg):
     """num_experts is 0 (a dense model) or a positive integer (routed MoE layers)."""
     E = cfg["num_experts"]
-    if isinstance(E, bool) or not isinstance(E, int) or E < 0:
+    if not is_count(E):
         raise ValueError(f"config['num_experts'] must be 0 (dense) or a positive integer, got {E!r}")
 
 
-# The modern decoder of utils/modern.py (notebook 11): the GPT's required keys, the MoE keys
-# above, and these. None for n_kv_heads, head_dim and rotary_dim means n_heads, emb_dim // n_heads
-# and head_dim.
-MODERN_OPTIONAL_KEYS = {
-    "n_kv_heads": None,            # key/value heads of grouped-query attention
-    "head_dim": None,              # per head; Qwen3 sets it apart from emb_dim / n_heads
-    "rope_theta": 10000.0,         # RoPE base; larger = slower rotations (Mixtral, Qwen3: 1e6)
-    "rotary_dim": None,            # partial rotary: only the first rotary_dim dims of a head turn
-    "qk_norm": None,               # None, "head" (Qwen3) or "full" (OLMoE): RMSNorm on q and k
-    "clip_qkv": None,              # OLMoE: clamp q, k, v to [-clip_qkv, clip_qkv]
-    "qkv_bias": False,             # biases on the q, k, v projections (Qwen2-MoE)
-    "out_proj_bias": False,        # bias on the attention output projection
-    "norm_eps": 1e-6,              # RMSNorm epsilon
-    "ffn_hidden_dim": None,        # width of the dense SwiGLU MLP in blocks without MoE
-    "dense_layers": (),            # block indices that keep a dense MLP (Qwen's mlp_only_layers)
-    "tie_embeddings": False,       # the output head reuses the token embedding matrix
-    "embedding_multiplier": 1.0,   # Granite's muP scales: embeddings *, residual branches *,
-    "residual_multiplier": 1.0,    # attention scores * (None: 1/sqrt(head_dim)), logits /
-    "attention_multiplier": None,
-    "logits_scaling": 1.0,
-}
-QK_NORMS = (None, "head", "full")
-
-
 def is_moe_block(cfg, layer):
-    """Whether block `layer` (0-based) of a validated model config (the GPT's, utils/moe.py, or the
+    """Whether block `layer` (0-based) of a validated model config (the GPT of utils/moe_gpt.py, or the
     modern decoder's, utils/modern.py) has a routed MoE layer: every moe_every_n_layers-th block
     (Qwen's decoder_sparse_step) that is not in dense_layers (a key of modern configs only)."""
     return cfg["num_experts"] > 0 and (layer + 1) % cfg["moe_every_n_layers"] == 0 \
@@ -270,51 +246,3 @@ def shared_expert_hidden(cfg):
     if cfg["num_shared_experts"] == 0:
         return 0
     return cfg["shared_expert_hidden_dim"] or cfg["num_shared_experts"] * cfg["moe_hidden_dim"]
-
-
-def validate_modern_config(cfg):
-    """Check a config of utils.modern.ModernMoEModel and return it with defaults filled in.
-
-    Its keys are the GPT's required ones, MODERN_OPTIONAL_KEYS and the MoE keys (whose expert
-    type defaults to "swiglu" here, the choice of every model this decoder loads).
-    """
-    optional = {**MOE_OPTIONAL_KEYS, "expert_type": "swiglu", **MODERN_OPTIONAL_KEYS}
-    cfg = check_config(cfg, GPT_REQUIRED_KEYS, optional)
-    check_positive_int(cfg, *GPT_REQUIRED_KEYS)
-    H = cfg["n_heads"]
-    if cfg["n_kv_heads"] is None:
-        cfg["n_kv_heads"] = H
-    if cfg["head_dim"] is None:
-        if cfg["emb_dim"] % H:
-            raise ValueError(f"emb_dim ({cfg['emb_dim']}) must be divisible by n_heads ({H}), or set head_dim")
-        cfg["head_dim"] = cfg["emb_dim"] // H
-    check_positive_int(cfg, "n_kv_heads", "head_dim")
-    if H % cfg["n_kv_heads"]:
-        raise ValueError(f"n_heads ({H}) must be a multiple of n_kv_heads ({cfg['n_kv_heads']})")
-    if cfg["rotary_dim"] is None:
-        cfg["rotary_dim"] = cfg["head_dim"]
-    check_positive_int(cfg, "rotary_dim")
-    if cfg["rotary_dim"] % 2 or cfg["rotary_dim"] > cfg["head_dim"]:
-        raise ValueError(f"config['rotary_dim'] must be even and at most head_dim ({cfg['head_dim']}), "
-                         f"got {cfg['rotary_dim']}")
-    if cfg["qk_norm"] not in QK_NORMS:
-        raise ValueError(f"config['qk_norm'] must be one of {QK_NORMS}, got {cfg['qk_norm']!r}")
-    for key in ("rope_theta", "norm_eps", "embedding_multiplier", "residual_multiplier", "logits_scaling"):
-        check_number(cfg, key, 0, strict=True)
-    for key in ("attention_multiplier", "clip_qkv"):
-        if cfg[key] is not None:
-            check_number(cfg, key, 0, strict=True)
-    check_bool(cfg, "qkv_bias", "out_proj_bias", "tie_embeddings")
-    layers = range(cfg["n_layers"])
-    if any(isinstance(i, bool) or i not in layers for i in cfg["dense_layers"]):
-        raise ValueError(f"config['dense_layers'] must list block indices in 0 .. {cfg['n_layers'] - 1}, "
-                         f"got {list(cfg['dense_layers'])}")
-    if cfg["ffn_hidden_dim"] is not None:
-        check_positive_int(cfg, "ffn_hidden_dim")
-    check_experts_count(cfg)
-    if cfg["num_experts"] > 0:
-        cfg = validate_moe_config(cfg)
-    if not all(is_moe_block(cfg, i) for i in layers) and cfg["ffn_hidden_dim"] is None:
-        raise ValueError("config['ffn_hidden_dim'] is needed: some blocks have a dense MLP "
-                         "(num_experts 0, moe_every_n_layers or dense_layers)")
-    return cfg

@@ -26,10 +26,10 @@ import time
 import torch
 
 from .config import validate_model_config
-from .moe import fine_grained, make_moe, moe_layers
+from .moe import LatentMoE, fine_grained, make_moe, moe_layers
 from .moe_gpt import upcycle
 from .runs import CourseData, continue_run, run_summary, train_run
-from .train import get_device
+from .train import resolve_device
 
 SWEEP_DIR = pathlib.Path(__file__).with_name("assets") / "seed_sweeps"
 
@@ -117,7 +117,7 @@ def match_output_scale(model, reference_cfg, n_tokens=2048, seed=0):
         target = make_moe(reference_cfg)(x).pow(2).mean().sqrt()
     factors = []
     for layer in moe_layers(model):
-        if getattr(layer, "up_proj", None) is not None:
+        if isinstance(layer, LatentMoE) and layer.up_proj is not None:     # latent_dim set
             factor = (target / layer(x.to(layer.up_proj.weight.device)).pow(2).mean().sqrt().cpu()).item()
             layer.up_proj.weight.mul_(factor)
             factors.append(factor)
@@ -169,7 +169,7 @@ def seed_sweep(notebook, seeds, device=None, data=None, steps=None, only=None, v
     """Train every run of `notebook` (or the runs named in `only`) for every seed; returns
     {"runs": {name: {seed: summary}}, ...}. `steps` overrides the notebook's training steps."""
     data = data or CourseData()
-    device = torch.device(device) if device is not None else get_device()
+    device = resolve_device(device)
     runs, steps = experiment_runs(notebook, len(data.vocab)), steps or EXPERIMENTS[notebook]["steps"]
     continued = {name: arm for name, arm in continued_runs(notebook, len(data.vocab)).items()
                  if only is None or name in only}

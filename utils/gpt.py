@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import is_count, validate_gpt_config
+from .config import validate_gpt_config
 
 GPT_CONFIG_124M = {
     "vocab_size": 50257,     # GPT-2 BPE vocabulary
@@ -179,6 +179,14 @@ class TransformerBlock(nn.Module):
         return x
 
 
+def kv_cache_shape(cfg):
+    """What a KV cache of the GPT of a validated config holds (utils.generation.KVCache): per layer
+    and position, kv_heads keys and values of head_size numbers each, for up to `positions`
+    positions. Full multi-head attention: one key/value head per query head."""
+    return {"n_layers": cfg["n_layers"], "kv_heads": cfg["n_heads"], "head_size": cfg["emb_dim"] // cfg["n_heads"],
+            "positions": cfg["context_length"]}
+
+
 class GPTModel(nn.Module):
     """Token ids (B, T) -> next-token logits (B, T, vocab_size).
 
@@ -196,10 +204,7 @@ class GPTModel(nn.Module):
         if feedforward is None:
             feedforward = lambda layer: FeedForward(cfg)  # noqa: E731
         self.cfg = cfg
-        # What a KVCache for this model holds: per layer and position, kv_heads keys and values of
-        # head_size numbers each, for up to `positions` positions.
-        self.kv_cache_shape = {"n_layers": cfg["n_layers"], "kv_heads": cfg["n_heads"],
-                               "head_size": cfg["emb_dim"] // cfg["n_heads"], "positions": cfg["context_length"]}
+        self.kv_cache_shape = kv_cache_shape(cfg)
 
         self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
         self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
@@ -231,121 +236,3 @@ def new_positions(idx, cache, context_length):
         raise ValueError(f"sequence length {start + T} ({start} cached + {T} new) exceeds "
                          f"context_length {context_length}")
     return torch.arange(start, start + T, device=idx.device)
-
-
-class KVCache:
-    """The keys and values of every token a model has seen so far, in every layer, so that
-    generating one more token computes attention for that token only.
-
-    Without a cache, each new token re-runs the whole sequence through every layer. The keys and
-    values of earlier tokens never change (causal attention: a token never sees later ones), so
-    they can be kept: keys[layer] and values[layer] are (B, H, max_length, head_dim) tensors,
-    allocated once, of which the first `length` positions are filled. `shape` is what the model
-    says it needs, its `kv_cache_shape`: {"n_layers", "kv_heads", "head_size", "positions"}
-    (grouped-query attention, utils/modern.py, keeps fewer key/value heads than query heads).
-    max_length defaults to the model's context length; generate() asks for just the prompt plus
-    the new tokens (a real model's context of 128K tokens would otherwise take gigabytes before
-    the first token).
-    """
-
-    def __init__(self, shape, batch_size, device=None, dtype=torch.float32, max_length=None):
-        size = (batch_size, shape["kv_heads"], max_length or shape["positions"], shape["head_size"])
-        self.keys = [torch.zeros(size, device=device, dtype=dtype) for _ in range(shape["n_layers"])]
-        self.values = [torch.zeros(size, device=device, dtype=dtype) for _ in range(shape["n_layers"])]
-        self.length = 0
-
-    def update(self, layer, k, v):
-        """Store the new tokens' k, v (B, H, T, head_dim) of `layer` after the cached ones (the model
-        advances `length` once all layers are done); return all keys and values so far."""
-        end = self.length + k.shape[2]
-        if k.dtype != self.keys[layer].dtype or k.device != self.keys[layer].device:
-            raise ValueError(f"the cache holds {self.keys[layer].dtype} on {self.keys[layer].device}, the model "
-                             f"gives {k.dtype} on {k.device}: build the cache with the model's dtype and device")
-        if end > self.keys[layer].shape[2]:
-            raise ValueError(f"the cache holds {self.keys[layer].shape[2]} positions, {end} needed")
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-
-    def nbytes(self):
-        """Bytes the cache occupies (all positions, filled or not)."""
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
-
-
-@torch.no_grad()
-def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=None, generator=None,
-             use_cache=True, stop=None):
-    """Append up to `max_new_tokens` tokens to idx (B, T) and return the longer (B, T') tensor.
-
-    temperature 0 picks the most likely token (greedy). temperature > 0 samples from
-    softmax(logits / temperature), restricted to the `top_k` most likely tokens when given.
-    A row that has produced `eos_id` is finished: every later position of it holds eos_id. With an
-    eos_id, the loop stops early once `stop(finished)` is true, finished being the (B,) bool tensor
-    of finished rows; the default stop is "every row has finished". A model whose layers span
-    several processes says how they agree to stop: a module with a `decoding_stop()` method gives
-    the default stop (utils/parallel.py: all ranks keep stepping until every rank is done).
-    Pass a seeded `torch.Generator` for reproducible samples.
-
-    use_cache=True keeps every layer's keys and values in a KVCache: the prompt is processed once
-    (prefill), then each step runs only the newest token (decode). It gives the same tokens as
-    use_cache=False, which re-runs the whole sequence every step. Beyond context_length the model
-    sees the last context_length tokens (a sliding window): every token then shifts position at
-    each step, so the whole window is recomputed, cache or not. (With the GPT's learned absolute
-    positions this is required; with RoPE, utils/modern.py, it keeps the two paths identical.)
-    """
-    if idx.dim() != 2 or idx.shape[1] == 0:
-        raise ValueError(f"idx must be a (batch, tokens) tensor holding at least one prompt token per row, "
-                         f"got shape {tuple(idx.shape)}")
-    if not is_count(max_new_tokens):
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and not 1 <= top_k <= model.cfg["vocab_size"]:
-        raise ValueError(f"top_k must be in [1, vocab_size={model.cfg['vocab_size']}], got {top_k}")
-    if use_cache and idx.shape[1] <= model.cfg["context_length"]:
-        # A module that cannot decode token by token says why (an MoE layer with a capacity limit).
-        problems = [m.cached_decoding_problem() for m in model.modules() if hasattr(m, "cached_decoding_problem")]
-        problems = [p for p in problems if p is not None]
-        if problems:
-            raise ValueError(problems[0])
-    if stop is None:
-        agreed = [m.decoding_stop() for m in model.modules() if hasattr(m, "decoding_stop")]
-        stop = agreed[0] if agreed else (lambda finished: bool(finished.all()))
-    was_training = model.training
-    model.eval()
-    try:
-        return _generate_loop(model, idx, max_new_tokens, temperature, top_k, eos_id, generator, use_cache, stop)
-    finally:
-        model.train(was_training)                    # restored even when the model raises
-
-
-def _generate_loop(model, idx, max_new_tokens, temperature, top_k, eos_id, generator, use_cache, stop):
-    """The decoding loop of generate (in eval mode, arguments checked)."""
-    context_length = model.cfg["context_length"]
-    cache = None
-    if use_cache and idx.shape[1] <= context_length:
-        cache = KVCache(model.kv_cache_shape, idx.shape[0], idx.device, next(model.parameters()).dtype,
-                        max_length=min(context_length, idx.shape[1] + max_new_tokens))
-    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    for _ in range(max_new_tokens):
-        if cache is not None and idx.shape[1] <= context_length:
-            logits = model(idx[:, cache.length:], cache=cache)[:, -1, :]   # prefill, then one token per step
-        else:
-            cache = None                                                 # the window slides: recompute it
-            logits = model(idx[:, -context_length:])[:, -1, :]           # (B, V)
-        if temperature == 0.0:
-            next_id = logits.argmax(dim=-1, keepdim=True)
-        else:
-            logits = logits / temperature
-            if top_k is not None:
-                kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-                logits = logits.masked_fill(logits < kth_best, float("-inf"))
-            probs = torch.softmax(logits, dim=-1)
-            next_id = torch.multinomial(probs, num_samples=1, generator=generator)
-        if eos_id is not None:
-            next_id = next_id.masked_fill(finished[:, None], eos_id)     # a finished row only pads
-            finished |= next_id.squeeze(1) == eos_id
-        idx = torch.cat([idx, next_id], dim=1)
-        if eos_id is not None and stop(finished):
-            break
-    return idx

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from .config import is_count
+
 
 def free_port():
     """A TCP port on localhost that nothing listens on now."""
@@ -87,7 +89,7 @@ def launch(fn, world_size, *args, backend=None, timeout=120):
     raises a RuntimeError at once, naming the rank and its exit code; a rank that gives no result
     within `timeout` seconds raises a RuntimeError. The other ranks are then terminated.
     """
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+    if not is_count(world_size) or world_size < 1:
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo"

@@ -10,15 +10,96 @@ and a GELU MLP. The MoE models of notebook 08 all changed the same four pieces:
     SwiGLU experts        the course's MoEFeedForward with expert_type "swiglu"
 
 Shapes: B = batch, T = new tokens, D = emb_dim, H = n_heads, G = n_kv_heads, d = head_dim.
-A model is one plain dict like the GPT's; its keys, defaults and checks are in utils/config.py
-(MODERN_OPTIONAL_KEYS). utils/checkpoints.py builds that dict from a Hugging Face config.json.
+A model is one plain dict like the GPT's: the GPT's and the MoE keys of utils/config.py, plus
+MODERN_OPTIONAL_KEYS below, checked by validate_modern_config. utils.hf_to_course.config_from_hf
+builds that dict from a Hugging Face config.json.
 """
 import torch
 import torch.nn as nn
 
-from .config import is_moe_block, validate_modern_config
+from .config import (GPT_REQUIRED_KEYS, MOE_OPTIONAL_KEYS, check_bool, check_config, check_experts_count,
+                     check_number, check_positive_int, is_moe_block, validate_moe_config)
 from .gpt import cached_attention_mask, fused_attention, new_positions
-from .moe import Experts, make_moe
+from .experts import Experts
+from .moe import make_moe
+from .router import TopKRouter
+
+
+# The config of the modern decoder: the GPT's required keys, the MoE keys (utils/config.py),
+# and these. None for n_kv_heads, head_dim and rotary_dim means n_heads, emb_dim // n_heads
+# and head_dim.
+MODERN_OPTIONAL_KEYS = {
+    "n_kv_heads": None,            # key/value heads of grouped-query attention
+    "head_dim": None,              # per head; Qwen3 sets it apart from emb_dim / n_heads
+    "rope_theta": 10000.0,         # RoPE base; larger = slower rotations (Mixtral, Qwen3: 1e6)
+    "rotary_dim": None,            # partial rotary: only the first rotary_dim dims of a head turn
+    "qk_norm": None,               # None, "head" (Qwen3) or "full" (OLMoE): RMSNorm on q and k
+    "clip_qkv": None,              # OLMoE: clamp q, k, v to [-clip_qkv, clip_qkv]
+    "qkv_bias": False,             # biases on the q, k, v projections (Qwen2-MoE)
+    "out_proj_bias": False,        # bias on the attention output projection
+    "norm_eps": 1e-6,              # RMSNorm epsilon
+    "ffn_hidden_dim": None,        # width of the dense SwiGLU MLP in blocks without MoE
+    "dense_layers": (),            # block indices that keep a dense MLP (Qwen's mlp_only_layers)
+    "tie_embeddings": False,       # the output head reuses the token embedding matrix
+    "embedding_multiplier": 1.0,   # Granite's muP scales: embeddings *, residual branches *,
+    "residual_multiplier": 1.0,    # attention scores * (None: 1/sqrt(head_dim)), logits /
+    "attention_multiplier": None,
+    "logits_scaling": 1.0,
+}
+QK_NORMS = (None, "head", "full")
+
+
+def validate_modern_config(cfg):
+    """Check a config of utils.modern.ModernMoEModel and return it with defaults filled in.
+
+    Its keys are the GPT's required ones, MODERN_OPTIONAL_KEYS and the MoE keys (whose expert
+    type defaults to "swiglu" here, the choice of every model this decoder loads).
+    """
+    optional = {**MOE_OPTIONAL_KEYS, "expert_type": "swiglu", **MODERN_OPTIONAL_KEYS}
+    cfg = check_config(cfg, GPT_REQUIRED_KEYS, optional)
+    check_positive_int(cfg, *GPT_REQUIRED_KEYS)
+    H = cfg["n_heads"]
+    if cfg["n_kv_heads"] is None:
+        cfg["n_kv_heads"] = H
+    if cfg["head_dim"] is None:
+        if cfg["emb_dim"] % H:
+            raise ValueError(f"emb_dim ({cfg['emb_dim']}) must be divisible by n_heads ({H}), or set head_dim")
+        cfg["head_dim"] = cfg["emb_dim"] // H
+    check_positive_int(cfg, "n_kv_heads", "head_dim")
+    if H % cfg["n_kv_heads"]:
+        raise ValueError(f"n_heads ({H}) must be a multiple of n_kv_heads ({cfg['n_kv_heads']})")
+    if cfg["rotary_dim"] is None:
+        cfg["rotary_dim"] = cfg["head_dim"]
+    check_positive_int(cfg, "rotary_dim")
+    if cfg["rotary_dim"] % 2 or cfg["rotary_dim"] > cfg["head_dim"]:
+        raise ValueError(f"config['rotary_dim'] must be even and at most head_dim ({cfg['head_dim']}), "
+                         f"got {cfg['rotary_dim']}")
+    if cfg["qk_norm"] not in QK_NORMS:
+        raise ValueError(f"config['qk_norm'] must be one of {QK_NORMS}, got {cfg['qk_norm']!r}")
+    for key in ("rope_theta", "norm_eps", "embedding_multiplier", "residual_multiplier", "logits_scaling"):
+        check_number(cfg, key, 0, strict=True)
+    for key in ("attention_multiplier", "clip_qkv"):
+        if cfg[key] is not None:
+            check_number(cfg, key, 0, strict=True)
+    check_bool(cfg, "qkv_bias", "out_proj_bias", "tie_embeddings")
+    layers = range(cfg["n_layers"])
+    if any(isinstance(i, bool) or i not in layers for i in cfg["dense_layers"]):
+        raise ValueError(f"config['dense_layers'] must list block indices in 0 .. {cfg['n_layers'] - 1}, "
+                         f"got {list(cfg['dense_layers'])}")
+    if cfg["ffn_hidden_dim"] is not None:
+        check_positive_int(cfg, "ffn_hidden_dim")
+    check_experts_count(cfg)
+    if cfg["num_experts"] > 0:
+        cfg = validate_moe_config(cfg, also_allowed=MODERN_OPTIONAL_KEYS)
+    if not all(is_moe_block(cfg, i) for i in layers) and cfg["ffn_hidden_dim"] is None:
+        raise ValueError("config['ffn_hidden_dim'] is needed: some blocks have a dense MLP "
+                         "(num_experts 0, moe_every_n_layers or dense_layers)")
+    return cfg
+
+
+def moe_keys(cfg):
+    """What the MoE layers of a validated modern config read: emb_dim and the MoE keys."""
+    return {"emb_dim": cfg["emb_dim"], **{key: cfg[key] for key in MOE_OPTIONAL_KEYS}}
 
 
 class RMSNorm(nn.Module):
@@ -157,7 +238,7 @@ class ModernMoEModel(nn.Module):
 
     logits = out_head(final_norm(blocks(embedding_multiplier * tok_emb(idx)))) / logits_scaling
     (the multipliers are Granite's muP scales, 1 elsewhere). With tie_embeddings the output head
-    reuses the token embedding matrix. Works with utils.gpt.generate and its KVCache, and with
+    reuses the token embedding matrix. Works with utils.generation.generate and its KVCache, and with
     the routing analysis of notebook 05 (its MoE layers are the course's MoEFeedForward).
     """
 
@@ -170,7 +251,7 @@ class ModernMoEModel(nn.Module):
         D = cfg["emb_dim"]
         self.tok_emb = nn.Embedding(cfg["vocab_size"], D)
         self.trf_blocks = nn.ModuleList(
-            ModernBlock(cfg, make_moe(cfg) if is_moe_block(cfg, i) else
+            ModernBlock(cfg, make_moe(moe_keys(cfg)) if is_moe_block(cfg, i) else
                         Experts(1, D, cfg["ffn_hidden_dim"], cfg["expert_type"]))
             for i in range(cfg["n_layers"]))
         self.final_norm = RMSNorm(D, cfg["norm_eps"])
@@ -187,7 +268,7 @@ class ModernMoEModel(nn.Module):
         """Zero the routers' expert biases (buffers, not weights: checkpoints do not hold them),
         e.g. after Module.to_empty left them uninitialised."""
         for module in self.modules():
-            if hasattr(module, "expert_bias"):
+            if isinstance(module, TopKRouter):
                 module.expert_bias.zero_()
 
     def forward(self, idx, cache=None):

@@ -5,7 +5,7 @@ The layers themselves are in utils/moe.py; the GPT they go into is in utils/gpt.
 """
 import torch
 
-from .config import is_moe_block, validate_model_config
+from .config import GPT_REQUIRED_KEYS, is_moe_block, validate_model_config
 from .gpt import FeedForward, GPTModel
 from .moe import MoEFeedForward, make_moe, moe_layers
 
@@ -43,7 +43,7 @@ def upcycle(dense_model, cfg):
     hidden = dense_model.cfg["ffn_hidden_dim"]
     if cfg["num_experts"] < 1:
         raise ValueError(f"num_experts must be at least 1 to upcycle, got {cfg['num_experts']}")
-    for key in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias"):
+    for key in (*GPT_REQUIRED_KEYS, "qkv_bias"):
         if cfg[key] != dense_model.cfg[key]:
             raise ValueError(f"cfg must describe the dense model's GPT: {key} is {cfg[key]!r} in cfg, "
                              f"{dense_model.cfg[key]!r} in the dense model")

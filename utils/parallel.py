@@ -25,9 +25,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .config import is_count
-from .moe import Experts, MoEFeedForward, combine, dispatch_sorted, make_moe
-from .moe_gpt import MoEGPTModel
-from .train import train
+from .experts import Experts, combine, dispatch_sorted
+from .generation import generate
+from .moe import MoEFeedForward, make_moe
 
 
 class AllToAll(torch.autograd.Function):
@@ -69,6 +69,13 @@ class AllReduceSum(torch.autograd.Function):
         return grad, None
 
 
+def _require_group():
+    """Raise a RuntimeError unless torch.distributed has a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("no process group: call torch.distributed.init_process_group first, "
+                           "or run the code through utils.launch.launch (or torchrun)")
+
+
 def _in_graph(t):
     """t itself, or, when grad is enabled and t does not require grad, a leaf copy of t that does.
 
@@ -99,17 +106,18 @@ class ExpertParallelMoE(nn.Module):
     forward(x): (B, T, D) -> (B, T, D), the layer's own signature. Each rank passes its own tokens;
     the outputs, and the gradients of inputs and expert weights, equal those of the single-process
     layer run on all ranks' tokens together. The router, shared expert and latent projections are
-    replicated (their gradients must be summed over ranks, as data parallelism does). The
-    load-balancing and z losses are computed over all ranks' tokens, as the single-process layer
-    would; `aux_loss` holds that global value on every rank.
+    replicated (their gradients must be summed over ranks, as data parallelism does).
 
-    The wrapped layer keeps its router, shared expert and projections; its `experts` are deleted
-    (this rank's share is copied into `local_experts`). After each forward pass the wrapped layer's
-    `last_routing` describes this rank's tokens, and `last_exchange` holds what this rank
-    exchanged: the rows it sent to each rank and received from each in the dispatch (the combine
-    sends them back the other way), and the bytes of token vectors that left this rank in both
-    exchanges together (rows to other ranks in the dispatch, plus results returned to other ranks
-    in the combine; as many bytes arrive).
+    The wrapped layer runs as it is, with two of its parts replaced (see MoEFeedForward): its
+    `dispatch` becomes `exchange` below, and its `sum_over_ranks` an all-reduce, so that its
+    balancing and z losses, in `moe.aux_loss`, are those of all ranks' tokens on every rank. Its
+    `experts` are dropped (this rank's share is copied into `local_experts`). After each forward
+    pass the wrapped layer's `last_routing` describes this rank's tokens, and `last_exchange` holds
+    what this rank exchanged: the rows it sent to each rank and received from each in the dispatch
+    (the combine sends them back the other way), the bytes of token vectors that left this rank in
+    both exchanges together (rows to other ranks in the dispatch, plus results returned to other
+    ranks in the combine; as many bytes arrive), and the width (values per row) and value_bytes
+    (bytes per value) of the rows.
 
     Ranks may hold different numbers of tokens (a different B or T), none at all (B = 0 or T = 0:
     the output is empty), or receive no rows (collapsed routing): every rank still takes part in
@@ -124,13 +132,9 @@ class ExpertParallelMoE(nn.Module):
         super().__init__()
         if not isinstance(moe, MoEFeedForward):
             raise ValueError(f"moe must be an MoEFeedForward or LatentMoE, got {type(moe).__name__}")
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("no process group: call torch.distributed.init_process_group first, "
-                               "or run the code through utils.launch.launch (or torchrun)")
+        _require_group()
         if moe.capacity_factor is not None:
             raise ValueError(f"capacity_factor must be None (dropless) for ExpertParallelMoE, got {moe.capacity_factor}")
-        if moe.seq_aux_loss_coef > 0:
-            raise ValueError("seq_aux_loss_coef must be 0: the sequence-wise loss is not implemented across ranks")
         if moe.bias_update_rate > 0:
             raise ValueError("bias_update_rate must be 0: the bias updates would need the global expert loads, "
                              "and each rank's copy of the router would drift apart")
@@ -145,38 +149,40 @@ class ExpertParallelMoE(nn.Module):
         self.local_experts = _local_experts(moe.experts, self.first_expert, self.experts_per_rank)
         self.moe = moe
         del moe.experts                          # only the local share stays in this process
-        moe.aux_loss = None                      # the losses of this layer are self.aux_loss from now on
-        self.aux_loss = None
+        moe.experts = None
+        moe.dispatch, moe.sum_over_ranks = self.exchange, self.sum_over_ranks
         self.last_exchange = None
 
     def decoding_stop(self):
-        """The stop rule utils.gpt.generate uses for a model holding this layer: every rank keeps
+        """The stop rule utils.generation.generate uses for a model holding this layer: every rank keeps
         stepping until every rank's rows have finished (lockstep_stop over this layer's group)."""
         return lockstep_stop(self.group)
 
     def forward(self, x):
         """x: (B, T, D) -> (B, T, D); B or T may be 0 (and differ between ranks)."""
-        moe, W, E_r = self.moe, self.world_size, self.experts_per_rank
         if x.dim() != 3:
             raise ValueError(f"x must be a (batch, tokens, emb_dim) tensor, got shape {tuple(x.shape)}")
-        B, T, D = x.shape
-        flat = x.reshape(B * T, D)                                            # (N, D), N may be 0
-        route = moe.router(flat)
-        token_idx, expert_idx, gates, _ = moe.assignments(route, B, T)        # (A,) each, A = N * k
+        return self.moe(x)
+
+    def exchange(self, x, token_idx, expert_idx, gate, experts=None):
+        """The wrapped layer's dispatch, across ranks: x (N, d) in the experts' space; token_idx,
+        expert_idx, gate (A,) this rank's assignments -> (N, d), the gate-weighted sum of each
+        token's expert outputs, as dispatch_sorted computes it in one process. The experts that
+        run here are self.local_experts (`experts`, the wrapped layer's, is None)."""
+        W, E_r = self.world_size, self.experts_per_rank
         order = torch.argsort(expert_idx, stable=True)                        # by expert, hence by rank
-        token_idx, sorted_experts, gates = token_idx[order], expert_idx[order], gates[order]
+        token_idx, sorted_experts, gate = token_idx[order], expert_idx[order], gate[order]
         # How many rows go to each rank, and to each expert there: (W, E_r).
         send_matrix = torch.bincount(sorted_experts, minlength=W * E_r).view(W, E_r)
         recv_matrix = torch.empty_like(send_matrix)
         dist.all_to_all_single(recv_matrix, send_matrix, group=self.group)   # row w: what rank w sends us
         send_counts, recv_counts = send_matrix.sum(1).tolist(), recv_matrix.sum(1).tolist()
 
-        vectors = moe.to_experts(flat).index_select(0, token_idx)             # (A, d) grouped by destination
         # Without _in_graph, a rank whose input needs no grad and that receives no rows would build
         # no autograd node for the exchanges and skip their backward all-to-alls, while the other
         # ranks wait in them (a hang under NCCL, "Connection closed by peer" under gloo). With it,
         # both AllToAll nodes are in the graph on every rank whenever grad is enabled.
-        vectors = _in_graph(vectors)
+        vectors = _in_graph(x.index_select(0, token_idx))                    # (A, d) grouped by destination
         received = AllToAll.apply(vectors, send_counts, recv_counts, self.group)   # (R, d)
         # Received rows come by source rank, and within each by expert: label them with local experts.
         local_ids = torch.arange(E_r, device=x.device).repeat(W)               # (W * E_r,)
@@ -186,16 +192,12 @@ class ExpertParallelMoE(nn.Module):
                                   self.local_experts)                           # (R, d), same row order
         returned = AllToAll.apply(results, recv_counts, send_counts, self.group)   # (A, d), order of `vectors`
 
-        routed = combine(returned, token_idx, gates, B * T, returned.dtype)   # (N, d), as dispatch_sorted sums
-        out = moe.add_shared_expert(flat, moe.from_experts(routed))
-        # The single-process losses, with every token count and sum added up over the ranks.
-        self.aux_loss = moe.balancing_loss(route, B, sum_over_ranks=self.sum_over_ranks)
-        moe._routing = (route.probs.detach(), route.topk_idx.detach(), None)   # for moe.last_routing
         width = vectors.shape[1] * vectors.element_size()
         off_rank = sum(c for w, c in enumerate(send_counts) if w != self.rank) + \
             sum(c for w, c in enumerate(recv_counts) if w != self.rank)
-        self.last_exchange = {"sent_rows": send_counts, "received_rows": recv_counts, "bytes_sent": off_rank * width}
-        return out.reshape(B, T, D)
+        self.last_exchange = {"sent_rows": send_counts, "received_rows": recv_counts, "bytes_sent": off_rank * width,
+                              "width": vectors.shape[1], "value_bytes": vectors.element_size()}
+        return combine(returned, token_idx, gate, x.shape[0], returned.dtype)   # (N, d)
 
     def sum_over_ranks(self, t):
         """t summed over the ranks of the group, with autograd (the gradient of the sum reaches
@@ -212,7 +214,7 @@ def expert_parallel(model, group=None):
 
 
 def lockstep_stop(group=None):
-    """A `stop` for utils.gpt.generate under expert parallelism: every rank must run the same number
+    """A `stop` for utils.generation.generate under expert parallelism: every rank must run the same number
     of forward passes, or the all-to-alls of a rank that stopped early leave the others waiting.
 
     Returns stop(finished) -> bool, finished being this rank's (B,) bool tensor of finished rows
@@ -234,7 +236,7 @@ def _count_or_minus_one(value):
 
 
 def generate_expert_parallel(model, idx, max_new_tokens, *, eos_id=None, group=None, **kwargs):
-    """utils.gpt.generate on every rank of a process group, the ranks kept in lockstep: each rank
+    """utils.generation.generate on every rank of a process group, the ranks kept in lockstep: each rank
     passes its own prompts idx (B, T) (B and T may differ between ranks) and gets back (B, T + n),
     with the same number n <= max_new_tokens of new tokens on every rank. A row that produced eos_id
     holds eos_id from then on; decoding stops once every row of every rank has finished (see
@@ -247,17 +249,10 @@ def generate_expert_parallel(model, idx, max_new_tokens, *, eos_id=None, group=N
     instead of leaving the others waiting. The other keyword arguments (temperature, top_k,
     generator, use_cache) go to generate unchecked across ranks: they must be valid on every rank.
     """
-    from .gpt import generate
-
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("no process group: call torch.distributed.init_process_group first, "
-                           "or run the code through utils.launch.launch (or torchrun)")
+    _require_group()
     steps, eos = _count_or_minus_one(max_new_tokens), (-2 if eos_id is None else _count_or_minus_one(eos_id))
     idx_ok = int(isinstance(idx, torch.Tensor) and idx.dim() == 2 and idx.shape[1] > 0)
-    device = idx.device if isinstance(idx, torch.Tensor) else torch.device("cpu")
-    if dist.get_backend(group) == "nccl" and device.type != "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
-    check = torch.tensor([steps, -steps, eos, -eos, -idx_ok], dtype=torch.long, device=device)
+    check = torch.tensor([steps, -steps, eos, -eos, -idx_ok], dtype=torch.long, device=rank_device(group))
     dist.all_reduce(check, op=dist.ReduceOp.MAX, group=group)
     high_steps, low_steps, high_eos, low_eos, minus_all_idx_ok = check.tolist()
     if high_steps != -low_steps:
@@ -270,43 +265,6 @@ def generate_expert_parallel(model, idx, max_new_tokens, *, eos_id=None, group=N
         raise ValueError(f"idx must be a (batch, tokens) tensor with tokens >= 1 on every rank, and is not on some "
                          f"rank (this rank's: {mine})")
     return generate(model, idx, max_new_tokens, eos_id=eos_id, stop=lockstep_stop(group), **kwargs)
-
-
-def _expert_ranks(topk_idx, num_experts, world_size):
-    """The rank holding each chosen expert when num_experts experts are split evenly and in order
-    over world_size ranks: topk_idx (any shape) -> the same shape. Checks the arguments."""
-    for name, value in (("num_experts", num_experts), ("world_size", world_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if num_experts % world_size:
-        raise ValueError(f"num_experts must be a positive multiple of world_size ({world_size}): every rank "
-                         f"holds the same number of experts, got num_experts={num_experts}")
-    if not isinstance(topk_idx, torch.Tensor) or topk_idx.is_floating_point() or topk_idx.is_complex() \
-            or topk_idx.dtype == torch.bool:
-        raise ValueError(f"topk_idx must be an integer tensor of expert ids, got "
-                         f"{getattr(topk_idx, 'dtype', type(topk_idx).__name__)}")
-    if topk_idx.numel() and (topk_idx.min() < 0 or topk_idx.max() >= num_experts):
-        raise ValueError(f"topk_idx must hold expert ids in [0, num_experts={num_experts}), got values from "
-                         f"{topk_idx.min().item()} to {topk_idx.max().item()}")
-    return topk_idx.long() // (num_experts // world_size)
-
-
-def rank_loads(topk_idx, num_experts, world_size):
-    """Assignments each rank receives when experts are split evenly and in order over world_size
-    ranks: topk_idx (N, k) (any shape: every entry is one assignment) -> (world_size,) counts.
-    num_experts must be a positive multiple of world_size."""
-    ranks = _expert_ranks(topk_idx, num_experts, world_size)
-    return torch.bincount(ranks.reshape(-1), minlength=world_size)
-
-
-def destination_ranks(topk_idx, num_experts, world_size):
-    """How many distinct ranks each token's experts live on: topk_idx (N, k) -> (N,). A token must be
-    sent to each of them once, at least; the plain all-to-all sends it once per chosen expert.
-    num_experts must be a positive multiple of world_size."""
-    ranks = _expert_ranks(topk_idx, num_experts, world_size)             # (N, k)
-    if ranks.dim() != 2:
-        raise ValueError(f"topk_idx must be (tokens, k), got shape {tuple(topk_idx.shape)}")
-    return torch.nn.functional.one_hot(ranks, world_size).amax(1).sum(-1)
 
 
 def expert_parallel_gradients(group=None):
@@ -331,7 +289,7 @@ def expert_parallel_gradients(group=None):
             param.grad /= world_size
         if grad_clip is None:
             return
-        squares = torch.zeros(2, dtype=torch.float64, device=_rank_device())   # [replicated, this rank's experts]
+        squares = torch.zeros(2, dtype=torch.float64, device=rank_device(group))   # [replicated, this rank's experts]
         for param in model.parameters():
             squares[int(id(param) in local)] += param.grad.double().pow(2).sum().to(squares.device)
         experts_sq = squares[1:].clone()
@@ -343,46 +301,9 @@ def expert_parallel_gradients(group=None):
     return prepare
 
 
-def train_expert_parallel(rank, world_size, cfg, batches, lr, seed, grad_clip=1.0):
-    """For launch: build MoEGPTModel(cfg) from `seed` on every rank, make it expert-parallel, and
-    train it with utils.train.train (AdamW, warmup + cosine schedule, clipping, as one process
-    would) for one step per batch, each rank on its share (a contiguous slice of sequences) of
-    each batch of `batches`, a list of (inputs, targets) token id pairs (B, T). Returns each step's
-    language-model loss of the whole batch (the mean of the ranks' losses).
-    """
-    if batches[0][0].shape[0] % world_size:
-        raise ValueError(f"the batch size ({batches[0][0].shape[0]}) must be divisible by the world size ({world_size})")
-    device = _rank_device()
-    torch.manual_seed(seed)
-    model = expert_parallel(MoEGPTModel(cfg).to(device))
-    share = batches[0][0].shape[0] // world_size
-    mine = [(x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]) for x, y in batches]
-    history = train(model, mine, None, max_steps=len(mine), peak_lr=lr, seed=seed, device=device,
-                    grad_clip=grad_clip, prepare_gradients=expert_parallel_gradients(), verbose=False)
-    losses = torch.tensor(history["batch_loss"], dtype=torch.float64, device=device)
-    dist.all_reduce(losses)
-    return (losses / world_size).tolist()
-
-
-@torch.no_grad()
-def measure_exchange(rank, world_size, configs, tokens_per_rank, seed=0):
-    """For launch: for each {name: MoE layer config}, one forward pass of an ExpertParallelMoE built
-    from `seed` on random tokens (tokens_per_rank on each rank); returns {name: its last_exchange,
-    plus "width": values per token vector sent and "value_bytes": bytes per value}."""
-    report = {}
-    for name, cfg in configs.items():
-        torch.manual_seed(seed)
-        layer = ExpertParallelMoE(make_moe(cfg).to(_rank_device()))
-        x = torch.randn(world_size, tokens_per_rank, cfg["emb_dim"])[rank:rank + 1].to(_rank_device())
-        layer(x)
-        width = cfg.get("latent_dim") or cfg["emb_dim"]
-        report[name] = {**layer.last_exchange, "width": width, "value_bytes": x.element_size()}
-    return report
-
-
-def _rank_device():
+def rank_device(group=None):
     """This rank's device: its GPU under the nccl backend, else the CPU."""
-    if dist.get_backend() == "nccl":
+    if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

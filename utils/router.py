@@ -122,22 +122,27 @@ def load_balancing_loss(probs, topk_idx, sum_over_ranks=None):
     return E * torch.sum(f * P)
 
 
-def sequence_balance_loss(probs, topk_idx, batch_size):
+def sequence_balance_loss(probs, topk_idx, batch_size, sum_over_ranks=None):
     """DeepSeek-V3's sequence-wise balance loss, averaged over the sequences of the batch.
 
     Per sequence of T tokens: f_i = E / (k T) * (assignments to expert i), P_i = mean over the
     sequence of probs[:, i]; loss = sum_i f_i * P_i (1 when balanced within the sequence).
-    probs: (N, E) with N = batch_size * T; topk_idx: (N, k).
+    probs: (N, E) with N = batch_size * T; topk_idx: (N, k). 0 when there are no tokens.
     """
     N, E = probs.shape
     k = topk_idx.shape[1]
     if N == 0:
-        return probs.sum() * 0.0                 # no tokens: nothing to balance
-    T = N // batch_size
-    counts = F.one_hot(topk_idx, E).sum(1).view(batch_size, T, E).sum(1).float()   # (B, E)
-    f = counts * E / (k * T)
-    P = probs.view(batch_size, T, E).mean(1)
-    return (f * P).sum(-1).mean()
+        per_sequence = probs.sum() * 0.0         # no tokens: nothing to balance
+    else:
+        T = N // batch_size
+        counts = F.one_hot(topk_idx, E).sum(1).view(batch_size, T, E).sum(1).float()   # (B, E)
+        f = counts * E / (k * T)
+        P = probs.view(batch_size, T, E).mean(1)
+        per_sequence = (f * P).sum(-1).sum()    # summed over the sequences
+    sequences = probs.new_tensor(float(batch_size if N else 0))
+    if sum_over_ranks is not None:
+        per_sequence, sequences = sum_over_ranks(per_sequence), sum_over_ranks(sequences)
+    return per_sequence / sequences.clamp_min(1.0)
 
 
 def router_z_loss(logits, sum_over_ranks=None):

@@ -1,10 +1,13 @@
 """What a trained MoE's routing shows: which experts each domain's tokens use, and whether the
-difference comes from the context or just from which tokens each domain contains.
+difference comes from the context or just from which tokens each domain contains; and, with the
+experts split over W processes (utils/parallel.py), how many assignments each process receives
+and to how many processes each token must travel.
 
 Shapes: L = MoE layers, N = tokens, k = top-k, E = experts.
 """
 import torch
 
+from .config import is_count
 from .moe import moe_layers
 
 
@@ -71,3 +74,40 @@ def token_matched_shares(tokens_a, chosen_a, tokens_b, chosen_b, vocab_size, num
         mixed = (per_type * (weight / weight.sum())[:, None]).sum(1)             # (L, E)
         shares.append(mixed / mixed.sum(-1, keepdim=True))
     return shares[0], shares[1]
+
+
+def _expert_ranks(topk_idx, num_experts, world_size):
+    """The rank holding each chosen expert when num_experts experts are split evenly and in order
+    over world_size ranks: topk_idx (any shape) -> the same shape. Checks the arguments."""
+    for name, value in (("num_experts", num_experts), ("world_size", world_size)):
+        if not is_count(value) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if num_experts % world_size:
+        raise ValueError(f"num_experts must be a positive multiple of world_size ({world_size}): every rank "
+                         f"holds the same number of experts, got num_experts={num_experts}")
+    if not isinstance(topk_idx, torch.Tensor) or topk_idx.is_floating_point() or topk_idx.is_complex() \
+            or topk_idx.dtype == torch.bool:
+        raise ValueError(f"topk_idx must be an integer tensor of expert ids, got "
+                         f"{getattr(topk_idx, 'dtype', type(topk_idx).__name__)}")
+    if topk_idx.numel() and (topk_idx.min() < 0 or topk_idx.max() >= num_experts):
+        raise ValueError(f"topk_idx must hold expert ids in [0, num_experts={num_experts}), got values from "
+                         f"{topk_idx.min().item()} to {topk_idx.max().item()}")
+    return topk_idx.long() // (num_experts // world_size)
+
+
+def rank_loads(topk_idx, num_experts, world_size):
+    """Assignments each rank receives when experts are split evenly and in order over world_size
+    ranks: topk_idx (N, k) (any shape: every entry is one assignment) -> (world_size,) counts.
+    num_experts must be a positive multiple of world_size."""
+    ranks = _expert_ranks(topk_idx, num_experts, world_size)
+    return torch.bincount(ranks.reshape(-1), minlength=world_size)
+
+
+def destination_ranks(topk_idx, num_experts, world_size):
+    """How many distinct ranks each token's experts live on: topk_idx (N, k) -> (N,). A token must be
+    sent to each of them once, at least; the plain all-to-all sends it once per chosen expert.
+    num_experts must be a positive multiple of world_size."""
+    ranks = _expert_ranks(topk_idx, num_experts, world_size)             # (N, k)
+    if ranks.dim() != 2:
+        raise ValueError(f"topk_idx must be (tokens, k), got shape {tuple(topk_idx.shape)}")
+    return torch.nn.functional.one_hot(ranks, world_size).amax(1).sum(-1)

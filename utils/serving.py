@@ -12,9 +12,10 @@ Shapes: B = batch (sequences decoded together), T = prompt length, L = MoE layer
 """
 import torch
 
-from .config import is_moe_block, validate_model_config
-from .gpt import KVCache
-from .hf_config import moe_layer_shape, ties_word_embeddings
+from .config import is_count, is_moe_block, validate_model_config
+from .generation import KVCache, check_cached_decoding
+from .hf_config import is_hf_config, ties_word_embeddings
+from .hf_moe import moe_layer_shape
 from .memory import bits_per_weight
 from .moe import moe_layers
 from .params import count_parameters
@@ -29,7 +30,7 @@ def expected_experts_touched(num_experts, top_k, batch_size):
     that agree with each other touch fewer.
     """
     for name, value in (("num_experts", num_experts), ("top_k", top_k), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_count(value) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if top_k > num_experts:
         raise ValueError(f"top_k must be at most num_experts ({num_experts}), got {top_k}")
@@ -54,6 +55,7 @@ def experts_touched_per_step(model, token_ids, prompt_len):
         raise ValueError(f"prompt_len must be in [1, {T - 1}] (token_ids has {T} tokens per sequence), got {prompt_len}")
     if T > model.cfg["context_length"]:
         raise ValueError(f"token_ids has {T} tokens per sequence, more than context_length {model.cfg['context_length']}")
+    check_cached_decoding(model)
     was_training = model.training
     model.eval()
     try:
@@ -70,7 +72,7 @@ def experts_touched_per_step(model, token_ids, prompt_len):
 
 def _moe_shape(config):
     """(num_experts, top_k, number of MoE layers) of a course or Hugging Face config."""
-    if "model_type" in config:
+    if is_hf_config(config):
         shape = moe_layer_shape(config)
         return shape["num_experts"], shape["top_k"], shape["moe_layers"]
     cfg = validate_model_config(config)
@@ -97,7 +99,7 @@ def decode_step_weight_bytes(config, batch_size, fmt="bfloat16", experts_touched
     other = {c: n for c, n in counts.items() if c not in ("embedding", "routed_experts")}
     # Tied: the head's weight is the embedding matrix, counted under "embedding" only; "lm_head"
     # then holds the head's own parameters, if any (a bias), not its weight. Course configs never tie.
-    if "model_type" in config and ties_word_embeddings(config):
+    if is_hf_config(config) and ties_word_embeddings(config):
         other["lm_head"] = other.get("lm_head", 0) + counts["embedding"]
     experts = counts.get("routed_experts", 0) * (experts_touched / E if n_moe else 0)
     result = {"experts": experts * bits_per_weight(fmt, "routed_experts") / 8,

@@ -24,6 +24,11 @@ def get_device():
     return torch.device("cpu")
 
 
+def resolve_device(device=None):
+    """torch.device(device), or the best available one (get_device) when device is None."""
+    return torch.device(device) if device is not None else get_device()
+
+
 def lm_loss(logits, targets):
     """Mean next-token cross-entropy. logits: (B, T, V), targets: (B, T)."""
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
@@ -126,7 +131,7 @@ def train(model, train_loader, val_loader, max_steps, peak_lr=1e-3, min_lr=None,
     for name, value in (("max_steps", max_steps), ("eval_every", eval_every)):
         if not is_count(value) or value == 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    device = torch.device(device) if device is not None else get_device()
+    device = resolve_device(device)
     torch.manual_seed(seed)  # dropout masks
     model.to(device).train()
     min_lr = 0.1 * peak_lr if min_lr is None else min_lr
