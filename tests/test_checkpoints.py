@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from utils import checkpoints
 from utils.checkpoints import load_hf_checkpoint, model_from_hf_config, save_hf_checkpoint
-from utils.gpt import generate
+from utils.generation import generate
 from utils.hf_to_course import SUPPORTED_MODEL_TYPES, config_from_hf
 from utils.modern import ModernMoEModel, RMSNorm, apply_rope, rope_cos_sin, rope_inverse_frequencies
 from utils.moe import MoEFeedForward

@@ -84,7 +84,7 @@ def test_moe_active_counts_k_of_e_experts():
 @pytest.mark.parametrize("kind", ["gelu", "swiglu", "relu2"])
 def test_the_mlp_formula_counts_the_experts_module(kind):
     from utils.counting import mlp_parameters
-    from utils.moe import Experts
+    from utils.experts import Experts
 
     experts = Experts(3, 32, 24, kind)                       # the course's GELU experts have biases
     assert 3 * mlp_parameters(kind, 32, 24, biases=kind == "gelu") == sum(p.numel() for p in experts.parameters())

@@ -7,7 +7,8 @@ import warnings
 import pytest
 import torch
 
-from utils.hf_config import HF_FAMILIES, MLA_FAMILIES, attention_layer_types, moe_layer_shape, text_config
+from utils.hf_config import HF_FAMILIES, MLA_FAMILIES, attention_layer_types, text_config
+from utils.hf_moe import moe_layer_shape
 from utils.memory import (cached_tokens_per_layer, kv_cache_bytes, recurrent_state_bytes, recurrent_state_values,
                           serving_cache_bytes)
 from utils.params import count_parameters

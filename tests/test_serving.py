@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from utils.gpt import KVCache
+from utils.generation import KVCache
 from utils.moe import moe_layers
 from utils.moe_gpt import MoEGPTModel
 from utils.memory import WEIGHT_FORMATS, format_of_config, stored_weight_bytes

@@ -24,11 +24,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .hf_to_course import LOADABLE_DTYPES, config_from_hf, refuse_quantized
+from .dtypes import LOADABLE_DTYPES
+from .hf_to_course import config_from_hf, refuse_quantized
 from .modern import ModernMoEModel
-from .moe import Experts, MoEFeedForward
+from .experts import Experts
+from .moe import MoEFeedForward
 
 DTYPES = {name: getattr(torch, name) for name in LOADABLE_DTYPES}   # name -> torch dtype
+
+
+def _dtype_name(dtype):
+    """The name config.json gives a torch dtype (torch.bfloat16 -> "bfloat16"), as DTYPES names it."""
+    return str(dtype).removeprefix("torch.")
 
 
 def model_from_hf_config(hf, dtype=torch.float32, device="cpu"):
@@ -146,9 +153,7 @@ def _dtype(dtype, hf):
     if dtype is None:
         dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
     if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-        dtype = DTYPES[dtype]
+        dtype = DTYPES.get(dtype, dtype)
     if dtype not in DTYPES.values():
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     return dtype
@@ -160,7 +165,7 @@ def load_hf_checkpoint(path, dtype=None, device="cpu"):
 
     path: a directory with config.json and *.safetensors (sharded with an index, or not).
     dtype: torch.float32 / bfloat16 / float16 (or their names); None keeps the checkpoint's.
-    The routers stay in float32 whatever the dtype (see utils.moe.TopKRouter).
+    The routers stay in float32 whatever the dtype (see utils.router.TopKRouter).
     Raises FileNotFoundError for a missing directory or file, NotADirectoryError for a path to a
     file, and ValueError for an unsupported model_type, a quantised checkpoint (refused before any
     tensor is read), a tensor of the wrong shape, or tensors missing from or unknown to the model.
@@ -216,7 +221,7 @@ def save_hf_checkpoint(model, path, max_shard_bytes=2 * 2**30):
         raise ValueError(f"{path} already holds a checkpoint: save into a new or empty directory")
     path.mkdir(parents=True, exist_ok=True)
     dtype = next(model.out_head.parameters()).dtype
-    config = {**hf, "dtype": str(dtype).removeprefix("torch.")}
+    config = {**hf, "dtype": _dtype_name(dtype)}
     config.pop("torch_dtype", None)
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 

@@ -1,24 +1,24 @@
 """What a Hugging Face config.json says, read family by family the way `transformers` reads it.
 
 A config.json names its architecture in "model_type", and each family spells the same idea its own
-way (num_local_experts, n_routed_experts, ...) and has its own defaults. Each rule is read here,
-once, for the modules that need it: utils/hf_params.py (parameter counts), utils/memory.py (what a
+way (num_local_experts, n_routed_experts, ...) and has its own defaults. Each rule is read here
+(its feed-forward layers: utils/hf_moe.py), once, for the modules that need it: utils/hf_params.py (parameter counts), utils/memory.py (what a
 server caches), utils/hf_to_course.py (the course's config keys, for the loader of
 utils/checkpoints.py) and utils/serving.py.
 
-- families:      HF_FAMILIES, ALIASES, text_config (the language model's config), field
+- families:      HF_FAMILIES, ALIASES, is_hf_config, text_config (the language model's config),
+                 field, quantization_config, quant_method
 - layer kinds:   num_layers, nemotron_layers, attention_layer_types (full, sliding or chunked
                  attention, linear attention, ...)
 - family rules:  attention_heads, attention_biases, qk_norm, sliding_window, attention_chunk_size,
-                 ties_word_embeddings, router_aux_loss_coef, dense_mlp_width
-- MoE layers:    moe_layer_indices (the layers that route), qwen_moe_layout, expert_hidden,
-                 moe_layer_shape
+                 ties_word_embeddings, use_bias
 - state sizes:   mamba_sizes (Nemotron-H's Mamba-2), deltanet_sizes (Qwen3-Next's Gated DeltaNet)
 
 Functions that take `config` accept a raw config.json dict (text_config is applied); those that
 take `cfg` expect one that text_config has already resolved.
 """
-from .config import is_moe_block
+from functools import partial
+
 
 HF_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
                "gpt_oss", "llama4_text", "granitemoe", "minimax_m2", "ernie4_5_moe", "qwen3_next", "nemotron_h")
@@ -28,11 +28,6 @@ MLA_FAMILIES = ("deepseek_v2", "deepseek_v3")     # multi-head latent attention
 REQUIRED = object()
 
 # The names one field goes by in different families.
-NUM_EXPERTS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
-TOP_K = ("num_experts_per_tok", "moe_k")
-# Families whose routed experts are intermediate_size wide (the others: moe_intermediate_size).
-FULL_WIDTH_EXPERTS = ("mixtral", "olmoe", "granitemoe", "minimax_m2", "llama4_text", "gpt_oss")
-
 ATTENTION_KINDS = ("full_attention", "sliding_attention", "chunked_attention")
 # Layers that keep no keys and values: a linear attention or Mamba-2 layer keeps a fixed-size state,
 # Nemotron-H's MoE and MLP layers keep nothing.
@@ -41,6 +36,12 @@ STATELESS_KINDS = ("moe", "mlp")
 NEMOTRON_LAYERS = {"M": "linear_attention", "*": "full_attention", "E": "moe", "-": "mlp"}
 # Older names of layer kinds that config.json files still use (transformers renames them on load).
 LEGACY_LAYER_KINDS = {"mamba": "linear_attention", "attention": "full_attention"}
+
+
+def is_hf_config(config):
+    """Whether a config dict is a Hugging Face config.json (it names its "model_type") rather than
+    one of the course's configs (utils/config.py)."""
+    return "model_type" in config
 
 
 def field(cfg, key, default=REQUIRED):
@@ -67,6 +68,19 @@ def text_config(config):
         raise ValueError(f"model_type {config.get('model_type')!r} is not supported; supported: "
                          f"{HF_FAMILIES + tuple(ALIASES)} (and llama4 with a text_config)")
     return {**config, "model_type": mt}
+
+
+def quantization_config(config):
+    """config.json's quantization_config (top level, also for Llama 4): None when the weights are
+    stored unquantised (no such field, or null), else a dict ({} when it is not one)."""
+    quant = config.get("quantization_config")
+    return None if quant is None else quant if isinstance(quant, dict) else {}
+
+
+def quant_method(config):
+    """The method quantization_config names ("fp8": DeepSeek-V3 and Kimi K2; "mxfp4": gpt-oss;
+    "gptq", "awq", ...), or None when it names none or there is no quantization_config."""
+    return (quantization_config(config) or {}).get("quant_method")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,11 +111,11 @@ def num_layers(cfg):
 
 def _default_layer_types(cfg, L):
     """The layer_types a family's transformers config fills in when config.json has none."""
-    mt, f = cfg["model_type"], lambda key, default=REQUIRED: field(cfg, key, default)
+    mt, f = cfg["model_type"], partial(field, cfg)
     if mt == "gpt_oss":                                        # layers 0, 2, 4, ... slide, the others see all
         return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(L)]
     if mt == "qwen2_moe":                                      # even layers below max_window_layers slide
-        on, below = f("use_sliding_window", False), f("max_window_layers", 28)
+        on, below = sliding_window(cfg) is not None, f("max_window_layers", 28)
         return ["sliding_attention" if on and i % 2 == 0 and i < below else "full_attention" for i in range(L)]
     if mt == "qwen3_next":                                     # every full_attention_interval-th layer attends
         interval = f("full_attention_interval", 4)
@@ -160,8 +174,7 @@ def attention_biases(cfg):
     if mt == "glm4_moe":                        # attention_bias reaches q, k and v only
         return field(cfg, "attention_bias", False), False
     if mt == "ernie4_5_moe":
-        bias = field(cfg, "use_bias", False)
-        return bias, bias
+        return use_bias(cfg), use_bias(cfg)
     if mt in ("nemotron_h", "minimax_m2"):      # built without biases
         return False, False
     bias = field(cfg, "attention_bias", False)
@@ -181,9 +194,12 @@ def qk_norm(cfg):
 
 
 def sliding_window(cfg):
-    """The sliding window in tokens, or None, as the family's transformers config resolves it."""
-    mt, f = cfg["model_type"], lambda key, default=REQUIRED: field(cfg, key, default)
-    if mt in ("qwen2_moe", "qwen3_moe"):                       # the window applies only when switched on
+    """The sliding window in tokens, or None, as the family's transformers config resolves it.
+    Qwen2-MoE and Qwen3-MoE slide only when use_sliding_window (default False) switches the window
+    on (sliding_window, default 4096); the others whenever sliding_window is set (gpt-oss: default
+    128). Which layers slide is attention_layer_types's rule."""
+    mt, f = cfg["model_type"], partial(field, cfg)
+    if mt in ("qwen2_moe", "qwen3_moe"):
         return f("sliding_window", 4096) if f("use_sliding_window", False) else None
     return f("sliding_window", 128 if mt == "gpt_oss" else None)
 
@@ -203,66 +219,11 @@ def ties_word_embeddings(config):
     return bool(field(cfg, "tie_word_embeddings", mt == "ernie4_5_moe")) and mt != "nemotron_h"
 
 
-def router_aux_loss_coef(cfg):
-    """The coefficient of the load-balancing loss a config declares: router_aux_loss_coef, or
-    DeepSeek's aux_loss_alpha; None when it has neither."""
-    return cfg.get("router_aux_loss_coef", cfg.get("aux_loss_alpha"))
-
-
-def dense_mlp_width(cfg, default=REQUIRED):
-    """Hidden width of the dense MLP of the layers that do not route (Llama 4: intermediate_size_mlp;
-    the others: intermediate_size)."""
-    return field(cfg, "intermediate_size_mlp" if cfg["model_type"] == "llama4_text" else "intermediate_size", default)
-
-
-# ----------------------------------------------------------------------------------------------
-# MoE layers.
-
-def qwen_moe_layout(cfg):
-    """Which layers of a Qwen-MoE family (Qwen2-MoE, Qwen3-MoE, Qwen3-Next) route, in the course's
-    config keys: every decoder_sparse_step-th layer (moe_every_n_layers) that is not one of
-    mlp_only_layers (dense_layers); utils.config.is_moe_block reads them."""
-    return {"moe_every_n_layers": field(cfg, "decoder_sparse_step", 1),
-            "dense_layers": tuple(field(cfg, "mlp_only_layers", []) or ())}
-
-
-def moe_layer_indices(config):
-    """Indices of the layers whose feed-forward is an MoE, as transformers builds the model."""
-    cfg = text_config(config)
-    mt, f, L = cfg["model_type"], lambda key, default=REQUIRED: field(cfg, key, default), num_layers(cfg)
-    if mt in ("qwen2_moe", "qwen3_moe", "qwen3_next"):
-        keys = {"num_experts": f(NUM_EXPERTS), **qwen_moe_layout(cfg)}
-        return [i for i in range(L) if is_moe_block(keys, i)]
-    if mt in ("deepseek_v2", "deepseek_v3", "glm4_moe"):
-        return list(range(f("first_k_dense_replace"), L))
-    if mt == "llama4_text":
-        explicit = f("moe_layers", None)
-        step = f("interleave_moe_layer_step", 1)
-        return list(explicit) if explicit is not None else list(range(step - 1, L, step))
-    if mt == "ernie4_5_moe":
-        start, end, step = f("moe_layer_start_index", 1), f("moe_layer_end_index", -1), f("moe_layer_interval", 1)
-        end = L - 1 if end == -1 else end
-        return [i for i in range(L) if (i + 1) % step == 0 and start <= i <= end]
-    if mt == "nemotron_h":
-        return [i for i, kind in enumerate(nemotron_layers(cfg)) if kind == "moe"]
-    return list(range(L))                                       # every layer
-
-
-def expert_hidden(cfg):
-    """Hidden width of one routed expert."""
-    return field(cfg, "intermediate_size" if cfg["model_type"] in FULL_WIDTH_EXPERTS else "moe_intermediate_size")
-
-
-def moe_layer_shape(config):
-    """The MoE layers of a Hugging Face config at a glance: hidden_size, num_experts, top_k,
-    expert_hidden (each routed expert's width), dispatch_width (the width of the vector a token
-    sends to each chosen expert: moe_latent_size in a latent MoE, hidden_size otherwise) and
-    moe_layers (how many layers are MoE)."""
-    cfg = text_config(config)
-    D = field(cfg, "hidden_size")
-    return {"hidden_size": D, "num_experts": field(cfg, NUM_EXPERTS), "top_k": field(cfg, TOP_K),
-            "expert_hidden": expert_hidden(cfg), "dispatch_width": field(cfg, "moe_latent_size", None) or D,
-            "moe_layers": len(moe_layer_indices(cfg))}
+def use_bias(cfg):
+    """use_bias (default False) of the two families that have one: ERNIE 4.5 (biases on the
+    attention projections, dense MLPs, shared experts and output head; never on routed experts) and
+    Nemotron-H (on the Mamba-2 mixer's in and out projections). False for the others."""
+    return cfg["model_type"] in ("ernie4_5_moe", "nemotron_h") and field(cfg, "use_bias", False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,7 +231,7 @@ def moe_layer_shape(config):
 
 def mamba_sizes(cfg):
     """(heads, inner width, channels convolved, conv kernel) of a Nemotron-H Mamba-2 mixer."""
-    f = lambda key: field(cfg, key)
+    f = partial(field, cfg)
     H, inner = f("mamba_num_heads"), f("mamba_num_heads") * f("mamba_head_dim")
     return H, inner, inner + 2 * f("n_groups") * f("ssm_state_size"), f("conv_kernel")
 
@@ -278,6 +239,6 @@ def mamba_sizes(cfg):
 def deltanet_sizes(cfg):
     """(key width, value width, value heads, key head dim, value head dim, conv kernel) of a Gated
     DeltaNet (Qwen3-Next)."""
-    f = lambda key: field(cfg, key)
+    f = partial(field, cfg)
     nv, dk, dv = f("linear_num_value_heads"), f("linear_key_head_dim"), f("linear_value_head_dim")
     return f("linear_num_key_heads") * dk, nv * dv, nv, dk, dv, f("linear_conv_kernel_dim")

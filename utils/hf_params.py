@@ -17,10 +17,14 @@ The families fall into three kinds of layer stacks:
   MoE (E) or dense MLP (-), in the order hybrid_override_pattern gives; Super's experts work in a
   latent space (LatentMoE) and use relu^2 instead of a gated MLP.
 """
+from functools import partial
+
 from .counting import COMPONENTS, mlp_parameters, parameter_summary
-from .hf_config import (MLA_FAMILIES, NUM_EXPERTS, REQUIRED, TOP_K, attention_biases, attention_heads,
-                        attention_layer_types, deltanet_sizes, dense_mlp_width, expert_hidden, field, mamba_sizes,
-                        moe_layer_indices, nemotron_layers, num_layers, qk_norm, text_config, ties_word_embeddings)
+from .hf_config import (MLA_FAMILIES, attention_biases, attention_heads, attention_layer_types, deltanet_sizes,
+                        field, mamba_sizes, nemotron_layers, num_layers, qk_norm, text_config, ties_word_embeddings,
+                        use_bias)
+from .hf_moe import (NUM_EXPERTS, TOP_K, dense_mlp_width, expert_hidden, mlp_kind, moe_latent_size,
+                     moe_layer_indices, shared_experts)
 
 # ----------------------------------------------------------------------------------------------
 # What one layer of each kind holds.
@@ -30,7 +34,7 @@ def _mla_attention(cfg):
     """(weights, internal norm weights) of one DeepSeek multi-head latent attention layer: queries
     (through a rank-q_lora_rank bottleneck when it is set) and keys/values through a shared
     rank-kv_lora_rank latent, each bottleneck with an RMSNorm; a decoupled rotary key."""
-    f = lambda key, default=REQUIRED: field(cfg, key, default)
+    f = partial(field, cfg)
     D, nh = f("hidden_size"), f("num_attention_heads")
     nope, rope, v, kv_rank = f("qk_nope_head_dim"), f("qk_rope_head_dim"), f("v_head_dim"), f("kv_lora_rank")
     q_rank = f("q_lora_rank", None)
@@ -59,12 +63,12 @@ def _attention(cfg):
 def _recurrent(cfg):
     """(mixer weights, its gated-norm weights) of one Mamba-2 (Nemotron-H) or Gated DeltaNet
     (Qwen3-Next) layer."""
-    f = lambda key, default=REQUIRED: field(cfg, key, default)
+    f = partial(field, cfg)
     D = f("hidden_size")
     if cfg["model_type"] == "nemotron_h":                       # Mamba-2
         H, inner, conv_dim, K = mamba_sizes(cfg)
         projection = inner + conv_dim + H                       # z (gate), x B C (convolved), dt per head
-        bias = f("use_bias", False)
+        bias = use_bias(cfg)
         weights = (D * projection + bias * projection + conv_dim * K + f("use_conv_bias", True) * conv_dim
                    + 3 * H + inner * D + bias * D)              # dt_bias, A_log, D per head; out_proj
         return weights, inner
@@ -75,55 +79,27 @@ def _recurrent(cfg):
 
 
 def _mlp(cfg, width):
-    """Parameters of one dense MLP or shared expert of `width` hidden units: relu^2 in Nemotron-H
-    (biased under mlp_bias), SwiGLU elsewhere (biased in ERNIE 4.5 under use_bias)."""
-    mt, D = cfg["model_type"], field(cfg, "hidden_size")
-    if mt == "nemotron_h":
-        return mlp_parameters("relu2", D, width, biases=field(cfg, "mlp_bias", False))
-    return mlp_parameters("swiglu", D, width, biases=mt == "ernie4_5_moe" and field(cfg, "use_bias", False))
-
-
-def _routed_expert(cfg, width):
-    """Parameters of one routed expert of `width` hidden units."""
-    mt, D = cfg["model_type"], field(cfg, "hidden_size")
-    if mt == "gpt_oss":                                         # SwiGLU with biases
-        return mlp_parameters("swiglu", D, width, biases=True)
-    if mt == "ernie4_5_moe":                                    # no biases, even under use_bias
-        return mlp_parameters("swiglu", D, width)
-    if mt == "nemotron_h":                                      # relu^2, in the latent space of a LatentMoE
-        return mlp_parameters("relu2", field(cfg, "moe_latent_size", None) or D, width)
-    return _mlp(cfg, width)
-
-
-def _shared_experts(cfg, width):
-    """Parameters of the always-active shared expert(s) of one MoE layer (0 when there are none);
-    `width` is one routed expert's."""
-    mt, f = cfg["model_type"], lambda key, default=REQUIRED: field(cfg, key, default)
-    if mt == "llama4_text":                                     # one shared expert as wide as a routed one
-        return _mlp(cfg, width)
-    if mt in ("qwen2_moe", "qwen3_next"):                       # gated: the gate, Linear(D, 1), is built
-        return _mlp(cfg, f("shared_expert_intermediate_size")) + f("hidden_size")   # even for width 0
-    if mt == "ernie4_5_moe":
-        n_shared = f("moe_num_shared_experts", 0)
-        return _mlp(cfg, width * n_shared) if n_shared else 0
-    if mt == "nemotron_h":
-        return _mlp(cfg, f("moe_shared_expert_intermediate_size"))
-    if mt in ("deepseek_v2", "deepseek_v3", "glm4_moe"):        # n_shared_experts of them, as one MLP
-        return _mlp(cfg, f("n_shared_experts", 0) * width)
-    return 0
+    """Parameters of one dense MLP or shared expert of `width` hidden units (hf_moe.mlp_kind)."""
+    activation, biased = mlp_kind(cfg)
+    return mlp_parameters(activation, field(cfg, "hidden_size"), width, biases=biased)
 
 
 def _experts(cfg):
     """(E, k, parameters of one routed expert, shared-expert parameters, router parameters,
-    latent projections) of one MoE layer."""
-    mt, f = cfg["model_type"], lambda key, default=REQUIRED: field(cfg, key, default)
+    latent projections) of one MoE layer. A routed expert has the activation of the family's MLPs
+    and no biases (ERNIE 4.5's neither, even under use_bias; gpt-oss's have them); a LatentMoE's
+    experts work in its latent space, its projections biased like its MLPs."""
+    mt, f = cfg["model_type"], partial(field, cfg)
     D, E, k = f("hidden_size"), f(NUM_EXPERTS), f(TOP_K)
-    width = expert_hidden(cfg)
+    activation, biased = mlp_kind(cfg)
+    latent = moe_latent_size(cfg)                               # LatentMoE: D -> latent -> D
+    expert = mlp_parameters(activation, latent or D, expert_hidden(cfg), biases=mt == "gpt_oss")
+    count, width, gated = shared_experts(cfg)
+    shared = (_mlp(cfg, width) if count else 0) + (D if gated else 0)      # the gate: Linear(D, 1)
     # gpt-oss's router has a bias; ERNIE 4.5 keeps its selection bias as a (frozen) parameter.
     router = D * E + (E if mt in ("gpt_oss", "ernie4_5_moe") else 0)
-    latent = f("moe_latent_size", None) if mt == "nemotron_h" else None     # LatentMoE: D -> latent -> D
-    projections = 2 * D * latent + f("mlp_bias", False) * (latent + D) if latent else 0
-    return E, k, _routed_expert(cfg, width), _shared_experts(cfg, width), router, projections
+    projections = 2 * D * latent + biased * (latent + D) if latent else 0
+    return E, k, expert, shared, router, projections
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,17 +123,15 @@ def _nemotron_mtp(cfg, moe_layer, attention, D):
 def _layer_roles(cfg):
     """(mixer of each layer: "attention", "recurrent" or None; feed-forward of each layer: "moe",
     "dense" or None; norm weights per layer outside the mixers)."""
-    D = field(cfg, "hidden_size")
+    D, L, moe = field(cfg, "hidden_size"), num_layers(cfg), set(moe_layer_indices(cfg))
     if cfg["model_type"] == "nemotron_h":                       # each layer is ONE mixer or feed-forward
-        kinds = nemotron_layers(cfg)
+        kinds = attention_layer_types(cfg)
         mixers = ["attention" if k == "full_attention" else "recurrent" if k == "linear_attention" else None
                   for k in kinds]
-        ffns = ["moe" if k == "moe" else "dense" if k == "mlp" else None for k in kinds]
+        ffns = ["moe" if i in moe else "dense" if k == "mlp" else None for i, k in enumerate(kinds)]
         return mixers, ffns, D                                  # one pre-norm per layer
-    L = num_layers(cfg)
     types = attention_layer_types(cfg) if cfg["model_type"] == "qwen3_next" else ["full_attention"] * L
     mixers = ["recurrent" if t == "linear_attention" else "attention" for t in types]
-    moe = set(moe_layer_indices(cfg))
     ffns = ["moe" if i in moe else "dense" for i in range(L)]
     return mixers, ffns, 2 * D                                  # before the mixer and before the FFN
 
@@ -168,7 +142,7 @@ def count_hf_parameters(config):
     and everything else in full (input embedding and output head included). "mtp" holds the
     multi-token-prediction parameters outside the total (0 when the config has none)."""
     cfg = text_config(config)
-    mt, f = cfg["model_type"], lambda key, default=REQUIRED: field(cfg, key, default)
+    mt, f = cfg["model_type"], partial(field, cfg)
     V, D, L = f("vocab_size"), f("hidden_size"), num_layers(cfg)
     tied = ties_word_embeddings(cfg)
     mixers, ffns, norms_per_layer = _layer_roles(cfg)
@@ -177,7 +151,7 @@ def count_hf_parameters(config):
     n_attention, n_recurrent = mixers.count("attention"), mixers.count("recurrent")
     n_moe, n_dense = ffns.count("moe"), ffns.count("dense")
     E, k, per_expert, shared, router, latent = _experts(cfg) if n_moe else (0, 0, 0, 0, 0, 0)
-    lm_bias = V * f("use_bias", False) if mt == "ernie4_5_moe" else 0
+    lm_bias = V * use_bias(cfg) if mt == "ernie4_5_moe" else 0     # ERNIE 4.5's head has a bias under use_bias
     total = dict.fromkeys(COMPONENTS, 0)
     total.update(embedding=V * D, lm_head=(0 if tied else D * V) + lm_bias,
                  attention=n_attention * attention, recurrent=n_recurrent * recurrent,

@@ -8,14 +8,17 @@
 
 Both read the families' rules from utils/hf_config.py, the ones utils/hf_params.py counts with.
 """
-from .hf_config import (REQUIRED, attention_biases, attention_heads, attention_layer_types, dense_mlp_width, field,
-                        moe_layer_shape, qk_norm, qwen_moe_layout, router_aux_loss_coef, sliding_window, text_config,
-                        ties_word_embeddings)
+from functools import partial
+
+from .dtypes import LOADABLE_DTYPES
+from .hf_config import (attention_biases, attention_heads, attention_layer_types, field, qk_norm, quant_method,
+                        quantization_config, sliding_window, text_config, ties_word_embeddings)
+from .hf_moe import (dense_mlp_width, mlp_kind, moe_latent_size, moe_layer_shape, qwen_moe_layout,
+                     router_aux_loss_coef, shared_experts)
 
 CHEAT_SHEET_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "deepseek_v3", "gpt_oss",
                         "granitemoe", "nemotron_h")
 SUPPORTED_MODEL_TYPES = ("granitemoe", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
-LOADABLE_DTYPES = ("float32", "bfloat16", "float16")          # the unquantised weights the loader reads
 
 
 def course_moe_keys(config):
@@ -31,7 +34,7 @@ def course_moe_keys(config):
     softmax over the k best logits, which equals renormalised top-k (norm_topk_prob True).
     """
     cfg = text_config(config)
-    mt, f = cfg["model_type"], lambda key, default=REQUIRED: field(cfg, key, default)
+    mt, f = cfg["model_type"], partial(field, cfg)
     if mt not in CHEAT_SHEET_FAMILIES:
         raise ValueError(f"model_type {mt!r} is not in the cheat-sheet; supported: {list(CHEAT_SHEET_FAMILIES)}")
     shape = moe_layer_shape(cfg)
@@ -46,29 +49,14 @@ def course_moe_keys(config):
             "n_group": f("n_group", 1) if deepseek_routing else 1,
             "topk_group": f("topk_group", 1) if deepseek_routing else 1,
             "num_shared_experts": 0, "shared_expert_hidden_dim": None, "shared_expert_gate": False,
-            "expert_type": "relu2" if mt == "nemotron_h" else "swiglu",
-            "latent_dim": f("moe_latent_size", None) if mt == "nemotron_h" else None}
-    keys.update(_shared_expert_keys(cfg))
+            "expert_type": mlp_kind(cfg)[0], "latent_dim": moe_latent_size(cfg)}
+    count, width, gated = shared_experts(cfg)
+    if count and width:                                       # a shared expert of width 0 computes nothing
+        keys.update(num_shared_experts=count, shared_expert_hidden_dim=width, shared_expert_gate=gated)
     bias = (mt == "deepseek_v3" and f("topk_method", "noaux_tc") == "noaux_tc") or mt == "nemotron_h"
     keys["balancing"] = "bias" if bias else "auxiliary loss"
     keys["router_aux_loss_coef"] = router_aux_loss_coef(cfg)
     return keys
-
-
-def _shared_expert_keys(cfg):
-    """num_shared_experts, shared_expert_hidden_dim and shared_expert_gate of the families of the
-    cheat-sheet that have shared experts; {} for the others (and when the width is 0)."""
-    mt, f = cfg["model_type"], lambda key, default=REQUIRED: field(cfg, key, default)
-    if mt in ("qwen2_moe", "qwen3_next") and f("shared_expert_intermediate_size", 0):
-        return dict(num_shared_experts=1, shared_expert_hidden_dim=f("shared_expert_intermediate_size"),
-                    shared_expert_gate=True)
-    if mt == "deepseek_v3" and f("n_shared_experts", 0):
-        return dict(num_shared_experts=f("n_shared_experts"),
-                    shared_expert_hidden_dim=f("n_shared_experts") * f("moe_intermediate_size"))
-    if mt == "nemotron_h" and f("n_shared_experts", 0):
-        return dict(num_shared_experts=f("n_shared_experts"),
-                    shared_expert_hidden_dim=f("moe_shared_expert_intermediate_size"))
-    return {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,12 +70,10 @@ def refuse_quantized(hf):
     values (e.g. weight_scale_inv), and often packs several values into one element. Copying such
     a tensor into a float parameter without its scale gives wrong weights, so it is refused
     before any tensor is read."""
-    quant = hf.get("quantization_config")
-    if quant is None:
+    if quantization_config(hf) is None:
         return
-    method = quant.get("quant_method") if isinstance(quant, dict) else None
     raise ValueError(
-        f"config.json has a quantization_config (quant_method {method!r}): quantised checkpoints are not "
+        f"config.json has a quantization_config (quant_method {quant_method(hf)!r}): quantised checkpoints are not "
         f"supported yet. This loader reads unquantised weights only ({', '.join(LOADABLE_DTYPES)}): load the "
         "model's unquantised (e.g. bfloat16) release instead, or dequantise the checkpoint first")
 
@@ -107,14 +93,13 @@ def _rope(cfg):
 
 
 def _refuse_sliding_window(cfg):
-    """Raise a ValueError when some layer attends over a window shorter than the context
-    (max_position_embeddings), or the config switches sliding windows on: the decoder attends to
-    every earlier token."""
+    """Raise a ValueError when some layer attends over fewer tokens than the context
+    (max_position_embeddings): the decoder attends to every earlier token."""
     window, context = sliding_window(cfg), field(cfg, "max_position_embeddings", 0)
     sees_all = window is None or window >= context                # a window as long as the context is none
     limited = [kind for kind in attention_layer_types(cfg)
                if kind != "full_attention" and not (kind == "sliding_attention" and sees_all)]
-    if field(cfg, "use_sliding_window", False) or limited:
+    if limited:
         raise ValueError(f"sliding-window attention (sliding_window={window}) is not supported")
 
 

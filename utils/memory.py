@@ -9,15 +9,16 @@ per sequence besides them (the attention's KV cache, the recurrent state of hybr
   recurrent_state_bytes, serving_cache_bytes
 """
 from .config import validate_model_config
+from .dtypes import BYTES_PER_VALUE
+from .gpt import kv_cache_shape
 from .hf_config import (MLA_FAMILIES, attention_chunk_size, attention_heads, attention_layer_types, deltanet_sizes,
-                        field, mamba_sizes, sliding_window, text_config)
+                        field, is_hf_config, mamba_sizes, quant_method, sliding_window, text_config)
 from .params import count_parameters
 
 # ----------------------------------------------------------------------------------------------
 # Weights.
 
-# Bytes of one value in each plain number format: the one table every size below is built from.
-BYTES_PER_VALUE = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1}
+# Bytes of one value in each plain number format (utils/dtypes.py): every size below is built from it.
 _BITS = {dtype: 8 * n for dtype, n in BYTES_PER_VALUE.items()}
 # FP8 (e4m3) values with one float32 scale per 128 x 128 block of a linear layer's weight matrix.
 _FP8_LINEAR = _BITS["float8"] + _BITS["float32"] / (128 * 128)
@@ -64,7 +65,7 @@ def stored_weight_bytes(config, fmt="bfloat16"):
 
 def format_of_config(config):
     """The weight format a config.json's quantization_config declares ("bfloat16" when none)."""
-    method = (config.get("quantization_config") or {}).get("quant_method")
+    method = quant_method(config)
     if method is None:
         return "bfloat16"
     if method not in WEIGHT_FORMATS:
@@ -153,9 +154,9 @@ def kv_cache_bytes(config, context_length, batch_size=1, dtype="bfloat16"):
     Hugging Face config, see kv_cache_values (GQA, sliding windows, chunks, MLA, and no keys or
     values in the Mamba-2 and linear-attention layers of hybrids)."""
     per_value = weight_bytes(1, dtype)
-    if "model_type" not in config:                             # a course config: full multi-head attention
-        cfg = validate_model_config(config)
-        return batch_size * context_length * cfg["n_layers"] * 2 * cfg["emb_dim"] * per_value
+    if not is_hf_config(config):                               # a course config: what its GPT caches
+        shape = kv_cache_shape(validate_model_config(config))
+        return batch_size * context_length * shape["n_layers"] * 2 * shape["kv_heads"] * shape["head_size"] * per_value
     return kv_cache_values(config, context_length, batch_size) * per_value
 
 

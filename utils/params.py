@@ -15,19 +15,20 @@ FLOPs per token and bytes sent to the experts. Memory in bytes is utils/memory.p
 from .config import is_moe_block, shared_expert_hidden, validate_model_config, validate_moe_config
 from .counting import COMPONENTS, mlp_parameters, parameter_summary
 from .gpt import FeedForward, LayerNorm, MultiHeadAttention
+from .hf_config import is_hf_config
 from .hf_params import count_hf_parameters
 from .moe import LatentMoE, MoEFeedForward
 
 
 def expert_parameters(expert_type, dim, hidden):
-    """Parameters of one of the course's expert MLPs (utils.moe.Experts) on vectors of size `dim`
+    """Parameters of one of the course's expert MLPs (utils.experts.Experts) on vectors of size `dim`
     with `hidden` units: "gelu" experts have biases, like the dense FeedForward; "swiglu" and
     "relu2" experts have none."""
     return mlp_parameters(expert_type, dim, hidden, biases=expert_type == "gelu")
 
 
 def count_course_parameters(cfg):
-    """Analytic count for a course config (GPTModel with dense, MoE, shared-expert or latent layers)."""
+    """Analytic count for a course config (MoEGPTModel with dense, MoE, shared-expert or latent layers)."""
     cfg = validate_model_config(cfg)
     V, C, D, L = cfg["vocab_size"], cfg["context_length"], cfg["emb_dim"], cfg["n_layers"]
     total = dict.fromkeys(COMPONENTS, 0)
@@ -49,7 +50,7 @@ def count_course_parameters(cfg):
 
 def count_parameters(config):
     """Total, active and per-component parameters of a course config or a Hugging Face config dict."""
-    if "model_type" in config:
+    if is_hf_config(config):
         return count_hf_parameters(config)
     return count_course_parameters(config)
 
