@@ -115,3 +115,22 @@ def test_the_solutions_notebook_is_executed_clean_and_portable():
     assert [c["execution_count"] for c in code] == list(range(1, len(code) + 1))
     assert not any(o.get("output_type") == "error" for c in code for o in c["outputs"])
     assert not re.search(r"/(work|root|home|tmp|Users)/\w", SOLUTIONS.read_text(encoding="utf-8"))
+
+
+def test_utils_modules_import_only_the_modules_listed_above_them():
+    """utils/__init__.py lists every module; each imports only modules listed above it (no cycle,
+    and the layout reads from config, to layers, models, training, analysis, serving, parallelism)."""
+    import ast
+    import re
+
+    from utils.course import ROOT
+
+    doc = ast.get_docstring(ast.parse((ROOT / "utils" / "__init__.py").read_text()))
+    order = [name.strip() for line in doc.split("\n")[2:] if line and not line.startswith(" ")
+             for name in re.split(r"\s{2,}", line.strip())[0].split(",")]
+    modules = sorted(p.stem for p in (ROOT / "utils").glob("*.py") if p.stem != "__init__")
+    assert sorted(order) == modules
+    for module in modules:
+        for node in ast.walk(ast.parse((ROOT / "utils" / f"{module}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert order.index(node.module) < order.index(module), f"{module} imports {node.module}"
