@@ -64,6 +64,21 @@ def test_notebooks_are_executed_clean_and_portable():
         assert not re.search(r"/(work|root|home|tmp|Users)/\w", text), f"{path.name}: absolute path"
 
 
+def code_lines(source):
+    """Lines of code in a cell: blank lines and comment-only lines do not count."""
+    return [line for line in source.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def test_code_cells_are_short():
+    """A learner reads a cell at a time: at most 40 lines of code each (split longer ones into steps)."""
+    for path in [*NOTEBOOKS, ROOT / "notebooks" / "solutions" / "exercise_solutions.ipynb"]:
+        nb = json.loads(path.read_text(encoding="utf-8"))
+        for i, cell in enumerate(nb["cells"]):
+            if cell["cell_type"] == "code":
+                n = len(code_lines("".join(cell["source"])))
+                assert n <= 40, f"{path.name}, cell {i}: {n} lines of code (at most 40)"
+
+
 def test_notebooks_never_import_transformers():
     """transformers is the tests' reference implementation; a learner's setup (Colab) does not have it."""
     for path in NOTEBOOKS:
@@ -76,7 +91,7 @@ def test_training_notebooks_read_course_seed():
     for path in NOTEBOOKS:
         code = "\n".join("".join(c["source"]) for c in json.loads(path.read_text(encoding="utf-8"))["cells"]
                          if c["cell_type"] == "code")
-        if re.search(r"\b(train|train_run)\(", code):
+        if re.search(r"(?<!\.)\b(train|train_run)\(", code):   # train(...), not model.train()
             assert "course_seed()" in code, f"{path.name} trains but does not read COURSE_SEED"
             assert "manual_seed(123)" not in code and "seed=0)" not in code, path.name
 
