@@ -220,7 +220,7 @@ class LatentMoE(MoEFeedForward):
         if latent:
             # Semi-orthogonal start: the projections neither shrink nor blow up the vectors, so the
             # experts see inputs of the same scale as in a plain MoE (nn.Linear's default would
-            # shrink the signal by about 3x in each projection).
+            # shrink the signal's variance by about 3x, its size by sqrt(3), in each projection).
             nn.init.orthogonal_(self.down_proj.weight)
             nn.init.orthogonal_(self.up_proj.weight)
 
