@@ -79,6 +79,45 @@ def test_code_cells_are_short():
                 assert n <= 40, f"{path.name}, cell {i}: {n} lines of code (at most 40)"
 
 
+# What each notebook writes in its own cells and proves equal to utils before it imports utils'
+# version ("from scratch"): none of these may come in with the notebook's first imports.
+WRITTEN_BEFORE_IMPORTED = {
+    "02": ["MultiHeadAttention"],
+    "03": ["GPTModel", "LayerNorm", "GELU", "FeedForward", "TransformerBlock", "generate"],
+    "04": ["train", "lr_at", "parameter_groups"],
+    "05": ["MoEFeedForward", "load_balancing_loss", "router_z_loss", "capacity_keep_mask"],
+    "06": ["TopKRouter", "fine_grained", "update_expert_biases", "sequence_balance_loss"],
+    "07": ["LatentMoE", "moe_layer_costs"],
+    "08": ["count_parameters"],
+    "09": ["KVCache"],
+    "10": ["ExpertParallelMoE", "launch", "measure_exchange"],
+}
+
+
+def _utils_imports(source):
+    """Names a cell imports from utils: from utils.x import a, b as c -> {a, b}."""
+    import ast
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return set()
+    return {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+            and (node.module or "").startswith("utils") for alias in node.names}
+
+
+def test_notebooks_write_what_they_teach_before_importing_it():
+    for path in NOTEBOOKS:
+        code = ["".join(c["source"]) for c in json.loads(path.read_text(encoding="utf-8"))["cells"]
+                if c["cell_type"] == "code"]
+        for name in WRITTEN_BEFORE_IMPORTED.get(path.name[:2], []):
+            first = next((i for i, source in enumerate(code) if name in _utils_imports(source)), None)
+            if first is None:
+                continue                         # never imported: the notebook uses only its own
+            assert first > 1, f"{path.name} imports {name} with its first imports, before writing it"
+            assert any("assert" in source for source in code[2:first + 1]), \
+                f"{path.name} imports {name} before any cell asserts anything"
+
+
 def test_notebooks_never_import_transformers():
     """transformers is the tests' reference implementation; a learner's setup (Colab) does not have it."""
     for path in NOTEBOOKS:
