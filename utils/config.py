@@ -27,7 +27,8 @@ MoE config keys (in the same dict as the GPT's keys; see MOE_OPTIONAL_KEYS for t
                          assignments from a pool of n tokens; the rest are dropped (the token keeps
                          its residual). What the pool is and who is served first: capacity_priority
     capacity_priority    "position" (default): the pool is one sequence (n = T) and tokens are served
-                         in order, so a token's routing depends only on the tokens before it (causal);
+                         in order: no later token takes an earlier token's place, but the capacity
+                         itself grows with T, so a token's keep also depends on the sequence's length;
                          "gshard": the pool is the whole batch (n = N) and every token's first choice
                          comes before any second choice, as in GShard and Switch - not causal in a
                          decoder (a later token can take an earlier token's place)
