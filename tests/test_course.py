@@ -71,7 +71,7 @@ def code_lines(source):
 
 def test_code_cells_are_short():
     """A learner reads a cell at a time: at most 40 lines of code each (split longer ones into steps)."""
-    for path in [*NOTEBOOKS, ROOT / "notebooks" / "solutions" / "exercise_solutions.ipynb"]:
+    for path in [*NOTEBOOKS, SOLUTIONS]:
         nb = json.loads(path.read_text(encoding="utf-8"))
         for i, cell in enumerate(nb["cells"]):
             if cell["cell_type"] == "code":
