@@ -163,6 +163,29 @@ def test_generate_greedy_and_sampling():
         generate(model, idx, 1, temperature=-1.0)
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_suppressed_ids_are_never_produced(use_cache):
+    torch.manual_seed(0)
+    model = GPTModel(TINY)
+    idx = torch.tensor([[1, 2, 3]])
+    greedy = generate(model, idx, 8, use_cache=use_cache)
+    banned = sorted(set(greedy[0, 3:].tolist()))                    # every token greedy decoding chose
+    out = generate(model, idx, 8, use_cache=use_cache, suppress_ids=banned)
+    assert not set(out[0, 3:].tolist()) & set(banned)
+    with torch.no_grad():                                            # the first step takes the best allowed token
+        logits = model(idx)[0, -1]
+    logits[banned] = float("-inf")
+    assert out[0, 3].item() == logits.argmax().item()
+    sampled = generate(model, idx, 30, temperature=2.0, generator=torch.Generator().manual_seed(0),
+                       use_cache=use_cache, suppress_ids=banned)
+    assert not set(sampled[0, 3:].tolist()) & set(banned)
+    for bad in ([TINY["vocab_size"]], [-1], [1.5]):
+        with pytest.raises(ValueError, match="suppress_ids"):
+            generate(model, idx, 1, suppress_ids=bad)
+    with pytest.raises(ValueError, match="suppress_ids"):
+        generate(model, idx, 1, suppress_ids=list(range(TINY["vocab_size"])))
+
+
 def test_generate_stops_at_eos():
     torch.manual_seed(0)
     model = GPTModel(TINY)

@@ -135,6 +135,18 @@ class CompactVocab:
         self._to_compact = torch.full((int(token_ids.max()) + 1,), -1, dtype=torch.long)
         self._to_compact[used] = torch.arange(len(used))
 
+    @classmethod
+    def from_gpt2_ids(cls, gpt2_ids, has_rare_id):
+        """The vocabulary whose compact id i is GPT-2 id gpt2_ids[i] (sorted, as `gpt2_ids` of a
+        built vocabulary), plus the rare id after them when has_rare_id: e.g. a saved model's."""
+        gpt2_ids = torch.as_tensor(gpt2_ids, dtype=torch.long)
+        if gpt2_ids.dim() != 1 or len(gpt2_ids) == 0 or not bool((gpt2_ids[1:] > gpt2_ids[:-1]).all()):
+            raise ValueError("gpt2_ids must be a non-empty, strictly increasing 1-D tensor of GPT-2 ids")
+        vocab = cls(gpt2_ids)
+        if has_rare_id:
+            vocab.rare_id = len(gpt2_ids)
+        return vocab
+
     def __len__(self):
         return len(self.gpt2_ids) + (self.rare_id is not None)
 

@@ -62,7 +62,7 @@ def check_cached_decoding(model):
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=None, generator=None,
-             use_cache=True, stop=None):
+             use_cache=True, stop=None, suppress_ids=None):
     """Append up to `max_new_tokens` tokens to idx (B, T) and return the longer (B, T') tensor.
 
     temperature 0 picks the most likely token (greedy). temperature > 0 samples from
@@ -72,7 +72,9 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=Non
     of finished rows; the default stop is "every row has finished". A model whose layers span
     several processes says how they agree to stop: a module with a `decoding_stop()` method gives
     the default stop (utils/parallel.py: all ranks keep stepping until every rank is done).
-    Pass a seeded `torch.Generator` for reproducible samples.
+    Pass a seeded `torch.Generator` for reproducible samples. `suppress_ids` (a list of token ids)
+    are never produced: their logits are set to -inf before choosing, e.g. a compact vocabulary's
+    rare id, which stands for many tokens and decodes to the replacement character.
 
     use_cache=True keeps every layer's keys and values in a KVCache: the prompt is processed once
     (prefill), then each step runs only the newest token (decode). It gives the same tokens as
@@ -90,6 +92,12 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=Non
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and not 1 <= top_k <= model.cfg["vocab_size"]:
         raise ValueError(f"top_k must be in [1, vocab_size={model.cfg['vocab_size']}], got {top_k}")
+    suppress_ids = list(suppress_ids or ())
+    if any(not is_count(i) or i >= model.cfg["vocab_size"] for i in suppress_ids):
+        raise ValueError(f"suppress_ids must be token ids in [0, vocab_size={model.cfg['vocab_size']}), "
+                         f"got {suppress_ids}")
+    if len(set(suppress_ids)) >= model.cfg["vocab_size"]:
+        raise ValueError("suppress_ids must leave at least one token id that can be produced")
     if use_cache and idx.shape[1] <= model.cfg["context_length"]:
         check_cached_decoding(model)
     if stop is None:
@@ -98,12 +106,14 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=Non
     was_training = model.training
     model.eval()
     try:
-        return _generate_loop(model, idx, max_new_tokens, temperature, top_k, eos_id, generator, use_cache, stop)
+        return _generate_loop(model, idx, max_new_tokens, temperature, top_k, eos_id, generator, use_cache, stop,
+                              suppress_ids)
     finally:
         model.train(was_training)                    # restored even when the model raises
 
 
-def _generate_loop(model, idx, max_new_tokens, temperature, top_k, eos_id, generator, use_cache, stop):
+def _generate_loop(model, idx, max_new_tokens, temperature, top_k, eos_id, generator, use_cache, stop,
+                   suppress_ids=()):
     """The decoding loop of generate (in eval mode, arguments checked)."""
     context_length = model.cfg["context_length"]
     cache = None
@@ -117,6 +127,8 @@ def _generate_loop(model, idx, max_new_tokens, temperature, top_k, eos_id, gener
         else:
             cache = None                                                 # the window slides: recompute it
             logits = model(idx[:, -context_length:])[:, -1, :]           # (B, V)
+        if suppress_ids:
+            logits = logits.index_fill(-1, torch.tensor(suppress_ids, device=logits.device), float("-inf"))
         if temperature == 0.0:
             next_id = logits.argmax(dim=-1, keepdim=True)
         else:
