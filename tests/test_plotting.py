@@ -7,7 +7,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
 from utils.plotting import (draw_expert_layouts, draw_latent_schematic, draw_moe_schematic,  # noqa: E402
-                            plot_loss_curves, save_figure)
+                            loss_legend, plot_loss_curves, plot_loss_shape, save_figure)
 
 
 def test_moe_schematic_colours_the_chosen_experts():
@@ -41,3 +41,17 @@ def test_latent_schematic_and_saving(tmp_path):
 def test_loss_curves_reject_an_unknown_axis():
     with pytest.raises(ValueError, match="tokens_seen"):
         plot_loss_curves({}, x="time")
+
+
+def test_loss_shape_draws_the_moving_average_and_the_validation_points():
+    history = {"batch_loss": [float(i) for i in range(30)], "step": [0, 15, 30], "val_loss": [9.0, 6.0, 5.0]}
+    fig, ax = plt.subplots()
+    plot_loss_shape(ax, {"run": history}, from_step=12, smooth=10)
+    line, dots = ax.lines
+    assert list(line.get_xdata()) == list(range(12, 31))          # the first full window ends at step 10
+    assert line.get_ydata()[0] == pytest.approx(sum(range(2, 12)) / 10)   # steps 3..12 are batch_loss[2:12]
+    assert list(dots.get_xdata()) == [15, 30] and list(dots.get_ydata()) == [6.0, 5.0]
+    legend = loss_legend(fig, {"run": history}, ncol=1, smooth=10)
+    assert [t.get_text() for t in legend.get_texts()] == ["run", "training loss, mean of the last 10 steps",
+                                                        "validation loss"]
+    plt.close(fig)

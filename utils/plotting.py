@@ -32,6 +32,34 @@ def plot_loss_curves(histories, title="Loss", x="step", show_train=True, ax=None
     return ax
 
 
+def plot_loss_shape(ax, histories, from_step=0, smooth=10):
+    """Each run's training loss - the LM loss of each step's batch, averaged over the last `smooth`
+    steps (a line; runs that share a seed see the same batches) - and its validation loss at each
+    evaluation (dots), from step `from_step` on. A run of 120 steps evaluated every 40 has 4
+    validation points: the line shows the shape between them. histories: {name: history}."""
+    for i, h in enumerate(histories.values()):
+        mean = torch.tensor(h["batch_loss"]).unfold(0, smooth, 1).mean(-1)   # at step s: steps s-smooth+1 ... s
+        steps = torch.arange(smooth, len(h["batch_loss"]) + 1)
+        ax.plot(steps[steps >= from_step], mean[steps >= from_step], color=f"C{i}", lw=1.5)
+        val = [(s, v) for s, v in zip(h["step"], h["val_loss"]) if s >= from_step]
+        ax.plot(*zip(*val), "o", color=f"C{i}", markersize=7, markeredgecolor="black")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy loss (nats)")
+    ax.grid(alpha=0.3)
+    return ax
+
+
+def loss_legend(fig, histories, ncol, smooth=10):
+    """One legend for a figure of plot_loss_shape axes, below them: a colour per run, then what the
+    lines and the dots are."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=f"C{i}", lw=2, label=name) for i, name in enumerate(histories)]
+    handles += [Line2D([], [], color="gray", lw=1.5, label=f"training loss, mean of the last {smooth} steps"),
+                Line2D([], [], color="gray", marker="o", ls="", markeredgecolor="black", label="validation loss")]
+    return fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=ncol, frameon=False)
+
+
 def add_full_run_inset(ax, histories, colors=None, bounds=(0.07, 0.08, 0.34, 0.34)):
     """For a loss plot zoomed on the end of training (step 0 off the top): an inset with each run's
     whole validation curve from step 0. histories: {name: history}; colors default to C0, C1, ..."""

@@ -182,6 +182,26 @@ def summarize(values):
             "min": min(values), "max": max(values), "n": len(values)}
 
 
+ORDERING_MARGIN = 0.02   # nats: the smallest paired gap the course calls an ordering
+
+
+def ordering(differences, margin=ORDERING_MARGIN):
+    """The course's rule for "A is lower than B", from the paired differences A - B over seeds:
+    "lower" or "higher" only when every seed agrees on the sign AND the smallest difference is at
+    least `margin` in size; otherwise "indistinguishable" (at this scale the two are not ordered).
+    Two runs 0.01 apart on every seed may swap on the next seed, or on another machine's rounding.
+    Needs at least 2 seeds.
+    """
+    differences = list(differences)
+    if len(differences) < 2:
+        raise ValueError(f"an ordering needs the differences of at least 2 seeds, got {len(differences)}")
+    if max(differences) <= -margin:
+        return "lower"
+    if min(differences) >= margin:
+        return "higher"
+    return "indistinguishable"
+
+
 def describe(values, unit=""):
     """'mean +0.123 (sd 0.012, from +0.100 to +0.140, 8 seeds)' for a list of differences."""
     s = summarize(values)
