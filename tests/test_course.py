@@ -88,9 +88,10 @@ WRITTEN_BEFORE_IMPORTED = {
     "05": ["MoEFeedForward", "load_balancing_loss", "router_z_loss", "capacity_keep_mask"],
     "06": ["TopKRouter", "fine_grained", "update_expert_biases", "sequence_balance_loss"],
     "07": ["LatentMoE", "moe_layer_costs"],
-    "08": ["count_parameters"],
+    "08": ["count_parameters", "as_published"],
     "09": ["KVCache"],
     "10": ["ExpertParallelMoE", "launch", "measure_exchange"],
+    "11": ["RMSNorm", "apply_rope", "GroupedQueryAttention"],
 }
 
 

@@ -1,6 +1,7 @@
 """count_parameters on Hugging Face configs: exact against transformers' own models (built on the
 meta device, no memory), and against the publishers' numbers under each publisher's convention."""
 import json
+import math
 import pathlib
 import warnings
 
@@ -12,8 +13,8 @@ from utils.hf_moe import moe_layer_shape
 from utils.memory import (cached_tokens_per_layer, kv_cache_bytes, recurrent_state_bytes, recurrent_state_values,
                           serving_cache_bytes)
 from utils.params import count_parameters
-from utils.published import (DEEPSEEK_V3_WEIGHTS_QUOTE, PUBLISHED_ACTIVE_EXCLUDES, load_model_config,
-                             published_comparison, published_unit, within_published_precision)
+from utils.published import (DEEPSEEK_V3_WEIGHTS_QUOTE, PUBLISHED_ACTIVE_EXCLUDES, as_published, load_model_config,
+                             published_unit)
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -57,13 +58,33 @@ def test_total_equals_transformers_meta_count(name):
     assert count_parameters(load(name))["total"] == meta_count(load(name))
 
 
+def active_without(counts, parts):
+    """Active parameters with the given components (e.g. ("embedding", "lm_head")) left out."""
+    return counts["active"] - sum(counts["active_components"].get(part, 0) for part in parts)
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_matches_published_numbers(name):
-    total, published_total, active, published_active = published_comparison(name)
-    # A total is the publisher's figure rounded: within 1%, or within half its last digit when the
-    # publisher gives fewer digits than that (Kimi K2's "1 trillion", Granite's "1.3B").
-    assert within_published_precision(total, published_total, units=0.5), (total, published_total)
-    assert within_published_precision(active, published_active), (active, published_active)
+    # Each published figure is our count rounded or cut off at the figure's last written digit
+    # (as_published): the total as it is, the active count under the publisher's convention.
+    counts, pub = count_parameters(load(name)), load("published")[name]
+    assert as_published(counts["total"], pub["published_total"]) is not None, (counts["total"], pub)
+    active = active_without(counts, PUBLISHED_ACTIVE_EXCLUDES.get(name, ()))
+    assert as_published(active, pub["published_active"]) is not None, (active, pub)
+
+
+def test_qwen3_next_active_figure_leaves_out_both_matrices():
+    # The card rounds its total (79.7B -> "80B"; cut off at 1B it would be 79B). Rounded, "3B" is
+    # only the count without the input embedding and the output head (3.25B); with one or both
+    # of them (3.56B, 3.87B) it would be 4B, and only cutting off would give 3B.
+    name = "qwen3-next-80b-a3b"
+    counts, pub = count_parameters(load(name)), load("published")[name]
+    assert as_published(counts["total"], pub["published_total"]) == "rounded"
+    assert round(counts["total"] / 1e9) * 1e9 == pub["published_total"] != math.floor(counts["total"] / 1e9) * 1e9
+    ways = {(): "cut off", ("embedding",): "cut off", ("embedding", "lm_head"): "either"}
+    assert {parts: as_published(active_without(counts, parts), pub["published_active"]) for parts in ways} == ways
+    rounds_to_3b = [parts for parts in ways if round(active_without(counts, parts) / 1e9) * 1e9 == pub["published_active"]]
+    assert rounds_to_3b == [("embedding", "lm_head")] == [PUBLISHED_ACTIVE_EXCLUDES[name]]
 
 
 def test_hybrid_totals_and_the_multi_token_prediction_layer():
@@ -205,8 +226,23 @@ def test_legacy_layer_names_are_read_as_transformers_reads_them():
 
 
 def test_published_unit_reads_the_last_digit():
-    assert [published_unit(x) for x in (3.3e9, 37e9, 1e12, 120.6e9, 400e6)] == [1e8, 1e9, 1e12, 1e8, 1e8]
-    assert within_published_precision(1.335e9, 1.3e9, units=0.5) and not within_published_precision(1.36e9, 1.3e9, units=0.5)
+    assert [published_unit(x) for x in (3.3e9, 37e9, 1e12, 120.6e9, 400e6, 20.91e9)] == [1e8, 1e9, 1e12, 1e8, 1e8, 1e7]
+    for bad in (0, -3e9, 0.5, 3.25, float("nan"), float("inf"), "3B", None):
+        with pytest.raises(ValueError, match="published figure"):
+            published_unit(bad)
+
+
+def test_as_published_tells_rounded_from_cut_off():
+    # "1.3B": rounded it stands for 1.25B-1.35B, cut off for 1.3B up to (not including) 1.4B.
+    assert [as_published(x, 1.3e9) for x in (1.26e9, 1.335e9, 1.36e9, 1.24e9, 1.4e9)] == [
+        "rounded", "either", "cut off", None, None]
+    assert as_published(79.674e9, 80e9) == "rounded"               # "80B" read to 10B
+    with pytest.raises(ValueError, match="our count"):
+        as_published(-1, 1.3e9)
+    with pytest.raises(ValueError, match="our count"):
+        as_published(float("nan"), 1.3e9)
+    with pytest.raises(ValueError, match="published figure"):
+        as_published(1.3e9, 0)
 
 
 def test_moe_layer_shape_reads_the_experts():
