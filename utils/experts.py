@@ -65,15 +65,21 @@ class Experts(nn.Module):
         tensors of the same shapes. Slicing the stacked weights with unbind, once, keeps the
         backward pass to one gradient tensor per weight instead of one full-size one per expert.
         """
-        weights = [self.w_in, self.w_out, self.w_gate, self.b_in, self.b_out]
         if torch.is_grad_enabled():
             # unbind once: its backward writes all experts' gradients into one tensor per weight
+            weights = [self.w_in, self.w_out, self.w_gate, self.b_in, self.b_out]
             weights = [w.unbind(0) if w is not None else [None] * len(inputs) for w in weights]
             return [self.mlp(x, *(w[e] for w in weights)) if x.shape[0] else x for e, x in enumerate(inputs)]
         # Without autograd (generation), index just the experts that have tokens: a decode step of
         # one token touches only k of them, and slicing all E would cost more than their matmuls.
-        return [self.mlp(x, *(w[e] if w is not None else None for w in weights)) if x.shape[0] else x
-                for e, x in enumerate(inputs)]
+        return [self.mlp(x, *self.weights_of(e)) if x.shape[0] else x for e, x in enumerate(inputs)]
+
+    def weights_of(self, e):
+        """Expert e's (w_in, w_out, w_gate, b_in, b_out): views into the stacked tensors, no copy
+        (None for the weights its expert_type does not have)."""
+        gelu = self.expert_type == "gelu"
+        return (self.w_in[e], self.w_out[e], self.w_gate[e] if self.w_gate is not None else None,
+                self.b_in[e] if gelu else None, self.b_out[e] if gelu else None)
 
     def mlp(self, x, w_in, w_out, w_gate=None, b_in=None, b_out=None):
         """One expert's MLP on x: (..., D) -> (..., D)."""
@@ -139,6 +145,39 @@ def dispatch_sorted(x, token_idx, expert_idx, weight, experts):
     x_sorted = torch.index_select(x, 0, tokens)                          # (A, D), grouped by expert
     y = torch.cat(experts(list(torch.split(x_sorted, counts))))          # (A, D)
     return combine(y, tokens, weight[order], x.shape[0], x.dtype)
+
+
+def dispatch_few(x, topk_idx, topk_weight, experts):
+    """Decode dispatch: a few tokens, every choice served (dropless), no autograd.
+
+    x: (N, D); topk_idx, topk_weight: (N, k) the router's choices and gates. Returns (N, D), the
+    result of dispatch_loop on the same assignments (up to the order in which a token's k outputs
+    are added). Only the chosen experts run, each once, on a view of its slice of the stacked
+    weights: nothing is sorted, counted or split over all E experts, and no weights are copied.
+    (Gathering the k chosen experts' weights into one tensor for a single batched matmul would
+    write and re-read them: three times the memory traffic of a step that only reads them.) The
+    choices are grouped by expert on the host, one copy of N*k small integers; a single token (a
+    batch-1 decode step) needs no gather or scatter at all.
+    """
+    acc = combine_dtype(x.dtype)
+    N, k = topk_idx.shape
+    if N == 1:
+        out = None
+        for e, gate in zip(topk_idx[0].tolist(), topk_weight[0].tolist()):
+            y = experts.mlp(x, *experts.weights_of(e)).to(acc)
+            out = y * gate if out is None else out.add_(y, alpha=gate)     # out += gate * y
+        return out.to(x.dtype)
+    rows_of = {}                                   # expert -> its assignments a (token a // k)
+    for a, e in enumerate(topk_idx.reshape(-1).tolist()):
+        rows_of.setdefault(e, []).append(a)
+    out = x.new_zeros(x.shape, dtype=acc)
+    flat_weight = topk_weight.reshape(-1)
+    for e, rows in rows_of.items():
+        rows = torch.tensor(rows, device=x.device)
+        tokens = rows // k
+        y = experts.mlp(x[tokens], *experts.weights_of(e))
+        out.index_add_(0, tokens, y.to(acc) * flat_weight[rows, None].to(acc))
+    return out.to(x.dtype)
 
 
 DISPATCH = {"loop": dispatch_loop, "sorted": dispatch_sorted}

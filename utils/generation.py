@@ -62,7 +62,7 @@ def check_cached_decoding(model):
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=None, generator=None,
-             use_cache=True, stop=None, suppress_ids=None):
+             use_cache=True, stop=None, suppress_ids=None, attention_mask=None):
     """Append up to `max_new_tokens` tokens to idx (B, T) and return the longer (B, T') tensor.
 
     temperature 0 picks the most likely token (greedy). temperature > 0 samples from
@@ -75,6 +75,13 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=Non
     Pass a seeded `torch.Generator` for reproducible samples. `suppress_ids` (a list of token ids)
     are never produced: their logits are set to -inf before choosing, e.g. a compact vocabulary's
     rare id, which stands for many tokens and decodes to the replacement character.
+
+    attention_mask: (B, T), 1 for the prompt's real tokens and 0 for padding, for prompts of
+    different lengths in one batch. The padding must be on the left (every row ends with its
+    prompt, so all rows append their next token in the same column). Each row then gets exactly
+    the tokens it gets alone (greedy; up to float rounding, which batching may change in the last
+    bits): padding takes no position and no token looks at it. MoE layers must be dropless, or
+    padding would take capacity from real tokens.
 
     use_cache=True keeps every layer's keys and values in a KVCache: the prompt is processed once
     (prefill), then each step runs only the newest token (decode). It gives the same tokens as
@@ -98,6 +105,7 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=Non
                          f"got {suppress_ids}")
     if len(set(suppress_ids)) >= model.cfg["vocab_size"]:
         raise ValueError("suppress_ids must leave at least one token id that can be produced")
+    attention_mask = check_left_padding(model, idx, attention_mask)
     if use_cache and idx.shape[1] <= model.cfg["context_length"]:
         check_cached_decoding(model)
     if stop is None:
@@ -107,14 +115,38 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=Non
     model.eval()
     try:
         return _generate_loop(model, idx, max_new_tokens, temperature, top_k, eos_id, generator, use_cache, stop,
-                              suppress_ids)
+                              suppress_ids, attention_mask)
     finally:
         model.train(was_training)                    # restored even when the model raises
 
 
+def check_left_padding(model, idx, attention_mask):
+    """The attention_mask of generate as a bool tensor, or None when it masks nothing. Raises a
+    ValueError unless it is a (B, T) mask of idx's shape, of 0/1 values, padding on the left only
+    (each row: zeros, then ones, ending with a real token), for a model whose MoE layers are
+    dropless."""
+    if attention_mask is None:
+        return None
+    if tuple(attention_mask.shape) != tuple(idx.shape):
+        raise ValueError(f"attention_mask must have idx's shape {tuple(idx.shape)}, got {tuple(attention_mask.shape)}")
+    if not ((attention_mask == 0) | (attention_mask == 1)).all():
+        raise ValueError("attention_mask must hold 0 (padding) or 1 (a real token) only")
+    mask = attention_mask.bool().to(idx.device)
+    if not mask[:, -1].all() or (mask[:, 1:].long() < mask[:, :-1].long()).any():
+        raise ValueError("attention_mask must pad on the left: each row zeros first, then ones, ending with a "
+                         "real token (left-pad prompts of different lengths)")
+    if mask.all():
+        return None
+    problems = [m.cached_decoding_problem() for m in model.modules() if hasattr(m, "cached_decoding_problem")]
+    if any(p is not None for p in problems):
+        raise ValueError("attention_mask with padding needs dropless MoE layers (capacity_factor=None): padding "
+                         "tokens would take capacity from real ones")
+    return mask
+
+
 def _generate_loop(model, idx, max_new_tokens, temperature, top_k, eos_id, generator, use_cache, stop,
-                   suppress_ids=()):
-    """The decoding loop of generate (in eval mode, arguments checked)."""
+                   suppress_ids=(), mask=None):
+    """The decoding loop of generate (in eval mode, arguments checked; mask: None or (B, T) bool)."""
     context_length = model.cfg["context_length"]
     cache = None
     if use_cache and idx.shape[1] <= context_length:
@@ -122,11 +154,12 @@ def _generate_loop(model, idx, max_new_tokens, temperature, top_k, eos_id, gener
                         max_length=min(context_length, idx.shape[1] + max_new_tokens))
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
+        padding = {} if mask is None else {"attention_mask": mask[:, -context_length:]}
         if cache is not None and idx.shape[1] <= context_length:
-            logits = model(idx[:, cache.length:], cache=cache)[:, -1, :]   # prefill, then one token per step
+            logits = model(idx[:, cache.length:], cache=cache, **padding)[:, -1, :]   # prefill, then one token per step
         else:
             cache = None                                                 # the window slides: recompute it
-            logits = model(idx[:, -context_length:])[:, -1, :]           # (B, V)
+            logits = model(idx[:, -context_length:], **padding)[:, -1, :]            # (B, V)
         if suppress_ids:
             logits = logits.index_fill(-1, torch.tensor(suppress_ids, device=logits.device), float("-inf"))
         if temperature == 0.0:
@@ -142,6 +175,8 @@ def _generate_loop(model, idx, max_new_tokens, temperature, top_k, eos_id, gener
             next_id = next_id.masked_fill(finished[:, None], eos_id)     # a finished row only pads
             finished |= next_id.squeeze(1) == eos_id
         idx = torch.cat([idx, next_id], dim=1)
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         if eos_id is not None and stop(finished):
             break
     return idx

@@ -44,6 +44,24 @@ def cached_attention_mask(start, T, device):
     return torch.ones(T, start + T, dtype=torch.bool, device=device).tril(diagonal=start), False
 
 
+def padded_attention_mask(attention_mask, start, T):
+    """How T new tokens attend when some positions hold padding: a (B, 1, T, start + T) bool mask
+    for scaled_dot_product_attention, True where new token i may look at position j.
+
+    attention_mask: (B, start + T), 1 (or True) for real tokens, 0 for padding, over every position
+    so far (the cache's `start` and the T new ones). Token i sees position j when j <= start + i
+    (causal) and j is a real token. A padding token also sees itself, so that no row of the softmax
+    is empty (that would give NaN); no real token ever looks at it, so what it computes never
+    reaches them.
+    """
+    S = start + T
+    causal = torch.ones(T, S, dtype=torch.bool, device=attention_mask.device).tril(diagonal=start)
+    visible = causal & attention_mask.bool()[:, None, None, :]                  # (B, 1, T, S)
+    itself = torch.zeros(T, S, dtype=torch.bool, device=attention_mask.device)
+    itself[:, start:] = torch.eye(T, dtype=torch.bool, device=attention_mask.device)
+    return visible | itself
+
+
 def fused_attention(q, k, v, **kwargs):
     """F.scaled_dot_product_attention(q, k, v, **kwargs), with contiguous q, k, v on the devices of
     CONTIGUOUS_SDPA_DEVICES. q: (B, H, T, d), k and v: (B, H, S, d) -> (B, H, T, d)."""
@@ -81,10 +99,11 @@ class MultiHeadAttention(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x, return_weights=False, cache=None, layer=0):
+    def forward(self, x, return_weights=False, cache=None, layer=0, visible=None):
         """With a KVCache, x holds only the new tokens, which come after the cache's `length`
         tokens; their keys and values are stored in the cache's slot `layer`, and they attend to
-        every earlier token and to each other causally."""
+        every earlier token and to each other causally. `visible`: a (B, 1, T, S) bool mask that
+        replaces the causal rule when some positions are padding (padded_attention_mask)."""
         B, T, _ = x.shape
         if T > self.mask.shape[0]:
             raise ValueError(f"sequence length {T} exceeds context_length {self.mask.shape[0]}")
@@ -99,14 +118,17 @@ class MultiHeadAttention(nn.Module):
             k, v = cache.update(layer, k, v)                             # (B, H, start + T, head_dim)
         if return_weights:
             scores = q @ k.transpose(2, 3) / math.sqrt(self.head_dim)   # (B, H, T, T)
-            scores = scores.masked_fill(self.mask[:T, :T], float("-inf"))
+            hidden = self.mask[:T, :T] if visible is None else ~visible
+            scores = scores.masked_fill(hidden, float("-inf"))
             weights = torch.softmax(scores, dim=-1)
             context = self.dropout(weights) @ v                          # (B, H, T, head_dim)
         else:
             # The same computation in one fused kernel, as nanoGPT does. Without dropout (our MoE
             # runs, evaluation, generation) it never stores the (T, T) weights; with dropout, a CPU
             # falls back to the explicit computation. Dropout acts on the weights, as above.
-            visible, causal = cached_attention_mask(start, T, x.device)
+            causal = False
+            if visible is None:
+                visible, causal = cached_attention_mask(start, T, x.device)
             context = fused_attention(q, k, v, attn_mask=visible, is_causal=causal,
                                       dropout_p=self.dropout.p if self.training else 0.0)
         out = self.out_proj(context.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))  # (B, T, D)
@@ -173,8 +195,8 @@ class TransformerBlock(nn.Module):
         self.norm2 = LayerNorm(cfg["emb_dim"])
         self.drop_resid = nn.Dropout(cfg.get("drop_rate", 0.0))
 
-    def forward(self, x, cache=None, layer=0):
-        x = x + self.drop_resid(self.att(self.norm1(x), cache=cache, layer=layer))
+    def forward(self, x, cache=None, layer=0, visible=None):
+        x = x + self.drop_resid(self.att(self.norm1(x), cache=cache, layer=layer, visible=visible))
         x = x + self.drop_resid(self.ff(self.norm2(x)))
         return x
 
@@ -213,26 +235,44 @@ class GPTModel(nn.Module):
         self.final_norm = LayerNorm(cfg["emb_dim"])
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
 
-    def forward(self, idx, cache=None):
+    def forward(self, idx, cache=None, attention_mask=None):
         """idx: (B, T) -> logits (B, T, V). With a KVCache (see KVCache), idx holds only the tokens
-        that follow the cache's `length` tokens; the cache then grows by T."""
-        positions = new_positions(idx, cache, self.cfg["context_length"])
+        that follow the cache's `length` tokens; the cache then grows by T. attention_mask:
+        (B, cached + T), 1 for real tokens and 0 for padding (new_positions, padded_attention_mask)."""
+        positions = new_positions(idx, cache, self.cfg["context_length"], attention_mask)
+        visible = None if attention_mask is None else padded_attention_mask(attention_mask, positions_start(cache),
+                                                                            idx.shape[1])
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(positions))  # (B, T, D)
         for layer, block in enumerate(self.trf_blocks):
-            x = block(x, cache=cache, layer=layer)
+            x = block(x, cache=cache, layer=layer, visible=visible)
         if cache is not None:
             cache.length += idx.shape[1]
         return self.out_head(self.final_norm(x))                          # (B, T, V)
 
 
-def new_positions(idx, cache, context_length):
-    """The positions (T,) of the new tokens idx (B, T): 0 .. T-1, or after the cache's `length`
-    tokens. Raises a ValueError for no tokens, or for more positions than context_length."""
+def positions_start(cache):
+    """How many positions come before the new tokens: the cache's length (0 without a cache)."""
+    return 0 if cache is None else cache.length
+
+
+def new_positions(idx, cache, context_length, attention_mask=None):
+    """The positions of the new tokens idx (B, T): (T,) 0 .. T-1, or after the cache's `length`
+    tokens. Raises a ValueError for no tokens, or for more positions than context_length.
+
+    With an attention_mask (B, cached + T) of 1 for real tokens and 0 for padding, each row counts
+    only its real tokens: (B, T) positions, so a left-padded prompt gets the positions it has alone
+    (a padding token gets position 0; nothing looks at it).
+    """
     T = idx.shape[1]
-    start = 0 if cache is None else cache.length
+    start = positions_start(cache)
     if T == 0:
         raise ValueError(f"idx must hold at least one token per sequence, got shape {tuple(idx.shape)}")
     if start + T > context_length:
         raise ValueError(f"sequence length {start + T} ({start} cached + {T} new) exceeds "
                          f"context_length {context_length}")
-    return torch.arange(start, start + T, device=idx.device)
+    if attention_mask is None:
+        return torch.arange(start, start + T, device=idx.device)
+    if tuple(attention_mask.shape) != (idx.shape[0], start + T):
+        raise ValueError(f"attention_mask must have shape (batch, cached + new tokens) = {(idx.shape[0], start + T)}, "
+                         f"got {tuple(attention_mask.shape)}")
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, start:]

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from .config import (GPT_REQUIRED_KEYS, MOE_OPTIONAL_KEYS, check_bool, check_config, check_experts_count,
                      check_number, check_positive_int, is_moe_block, validate_moe_config)
-from .gpt import cached_attention_mask, fused_attention, new_positions
+from .gpt import cached_attention_mask, fused_attention, new_positions, padded_attention_mask, positions_start
 from .experts import Experts
 from .moe import make_moe
 from .router import TopKRouter
@@ -132,10 +132,11 @@ def rope_inverse_frequencies(rotary_dim, theta):
 
 
 def rope_cos_sin(positions, inv_freq):
-    """cos and sin of the rotation angles: positions (T,) -> two (T, rotary_dim) float32 tensors.
+    """cos and sin of the rotation angles: positions (T,) -> two (T, rotary_dim) float32 tensors
+    (positions (B, T), one row per sequence of a padded batch -> two (B, T, rotary_dim)).
 
     The angle of pair i is repeated at i and i + rotary_dim/2: the halves layout below."""
-    angles = positions.float()[:, None] * inv_freq[None, :]             # (T, rotary_dim / 2)
+    angles = positions.float()[..., None] * inv_freq                    # (..., T, rotary_dim / 2)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
@@ -149,6 +150,8 @@ def apply_rope(x, cos, sin):
     rotary (rotary_dim < d) the remaining dimensions pass through unrotated.
     """
     rotary_dim = cos.shape[-1]
+    if cos.dim() == 3:                           # (B, T, rotary_dim): one row of positions per sequence
+        cos, sin = cos[:, None], sin[:, None]
     rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
     first, second = rot.chunk(2, dim=-1)
     rotated = torch.cat([-second, first], dim=-1)                        # the partner of each dim
@@ -184,9 +187,11 @@ class GroupedQueryAttention(nn.Module):
         self.clip_qkv = cfg["clip_qkv"]
         self.scale = cfg["attention_multiplier"]                        # None: 1 / sqrt(d)
 
-    def forward(self, x, cos, sin, cache=None, layer=0):
-        """cos, sin: (T, rotary_dim) for the new tokens' positions. With a KVCache, x holds the
-        tokens after the cache's `length` ones; their keys and values are stored in slot `layer`."""
+    def forward(self, x, cos, sin, cache=None, layer=0, visible=None):
+        """cos, sin: (T, rotary_dim) (or (B, T, rotary_dim)) for the new tokens' positions. With a
+        KVCache, x holds the tokens after the cache's `length` ones; their keys and values are
+        stored in slot `layer`. `visible`: a (B, 1, T, S) bool mask that replaces the causal rule
+        when some positions are padding (utils.gpt.padded_attention_mask)."""
         B, T, _ = x.shape
         q, k, v = self.W_query(x), self.W_key(x), self.W_value(x)
         if self.qk_norm == "full":
@@ -206,7 +211,9 @@ class GroupedQueryAttention(nn.Module):
         # Each key/value head serves n_heads / n_kv_heads query heads: repeat it for them.
         repeats = self.n_heads // self.n_kv_heads
         k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
-        visible, causal = cached_attention_mask(start, T, x.device)
+        causal = False
+        if visible is None:
+            visible, causal = cached_attention_mask(start, T, x.device)
         context = fused_attention(q, k, v, attn_mask=visible, is_causal=causal, scale=self.scale)
         return self.out_proj(context.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -226,8 +233,8 @@ class ModernBlock(nn.Module):
         self.ff = ff
         self.residual_multiplier = cfg["residual_multiplier"]
 
-    def forward(self, x, cos, sin, cache=None, layer=0):
-        x = x + self.residual_multiplier * self.att(self.norm1(x), cos, sin, cache=cache, layer=layer)
+    def forward(self, x, cos, sin, cache=None, layer=0, visible=None):
+        x = x + self.residual_multiplier * self.att(self.norm1(x), cos, sin, cache=cache, layer=layer, visible=visible)
         h = self.norm2(x)
         ff = self.ff.as_mlp(h) if isinstance(self.ff, Experts) else self.ff(h)
         return x + self.residual_multiplier * ff
@@ -271,17 +278,20 @@ class ModernMoEModel(nn.Module):
             if isinstance(module, TopKRouter):
                 module.expert_bias.zero_()
 
-    def forward(self, idx, cache=None):
+    def forward(self, idx, cache=None, attention_mask=None):
         """idx: (B, T) -> logits (B, T, V). With a KVCache, idx holds only the tokens that follow
-        the cache's `length` tokens, and the cache grows by T."""
-        positions = new_positions(idx, cache, self.cfg["context_length"])
+        the cache's `length` tokens, and the cache grows by T. attention_mask: (B, cached + T), 1
+        for real tokens and 0 for padding (see utils.gpt.new_positions)."""
+        positions = new_positions(idx, cache, self.cfg["context_length"], attention_mask)
+        visible = None if attention_mask is None else padded_attention_mask(attention_mask, positions_start(cache),
+                                                                            idx.shape[1])
         # The frequencies are recomputed in float32 at every call (a few numbers): kept as a buffer,
         # they would be rounded when the model is cast to bfloat16.
         inv_freq = rope_inverse_frequencies(self.cfg["rotary_dim"], self.cfg["rope_theta"]).to(idx.device)
         cos, sin = rope_cos_sin(positions, inv_freq)
         x = self.tok_emb(idx) * self.cfg["embedding_multiplier"]
         for layer, block in enumerate(self.trf_blocks):
-            x = block(x, cos, sin, cache=cache, layer=layer)
+            x = block(x, cos, sin, cache=cache, layer=layer, visible=visible)
         if cache is not None:
             cache.length += idx.shape[1]
         return self.out_head(self.final_norm(x)) / self.cfg["logits_scaling"]

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import CAPACITY_PRIORITIES, is_count, shared_expert_hidden, validate_moe_config
-from .experts import DISPATCH, Experts
+from .experts import DISPATCH, Experts, dispatch_few, dispatch_sorted
 from .router import TopKRouter, load_balancing_loss, router_z_loss, routing_stats, sequence_balance_loss
 
 # The (token, expert, gate) assignments the experts serve: token_idx, expert_idx, gate, each (A,),
@@ -153,7 +153,7 @@ class MoEFeedForward(nn.Module):
         """The Assignments the experts serve, from a RouterOutput of B*T tokens: every one of the
         N*k choices, or, with a capacity factor, those within capacity."""
         N, k = route.topk_idx.shape
-        token_idx = torch.arange(N, device=route.topk_idx.device).repeat_interleave(k)  # token of each assignment
+        token_idx = torch.arange(N * k, device=route.topk_idx.device) // k   # token of each assignment
         assigned = token_idx, route.topk_idx.reshape(-1), route.topk_weight.reshape(-1)
         if self.capacity_factor is None:
             return Assignments(*assigned, None)
@@ -182,17 +182,32 @@ class MoEFeedForward(nn.Module):
             loss = loss + self.z_loss_coef * router_z_loss(route.logits, sums)
         return loss
 
+    def serves_few(self, topk_idx, training):
+        """Whether this forward pass takes the decode path, dispatch_few: no autograd, a dropless
+        layer in one process (the default dispatch), and fewer choices than experts (N * k <= E:
+        a decode step of a small batch). Otherwise every expert's share of the work is sorted
+        out once (dispatch_sorted), which costs a fixed few dozen small operations per layer: at
+        batch 1 of a small model, more time than the experts' own matmuls."""
+        return (not training and self.dispatch is dispatch_sorted and self.capacity_factor is None
+                and topk_idx.numel() <= self.num_experts)
+
     def forward(self, x):
         """x: (B, T, D) -> (B, T, D); also sets self.aux_loss and the routing of last_routing."""
         B, T, D = x.shape
         flat = x.reshape(-1, D)                                           # (N, D)
         route = self.router(flat)
-        assigned = self.assignments(route, B, T)
-        routed = self.dispatch(self.to_experts(flat), assigned.token_idx, assigned.expert_idx, assigned.gate,
-                               self.experts)
+        training = torch.is_grad_enabled()
+        if self.serves_few(route.topk_idx, training):
+            routed, keep = dispatch_few(self.to_experts(flat), route.topk_idx, route.topk_weight, self.experts), None
+        else:
+            assigned = self.assignments(route, B, T)
+            routed = self.dispatch(self.to_experts(flat), assigned.token_idx, assigned.expert_idx, assigned.gate,
+                                   self.experts)
+            keep = assigned.keep
         out = self.add_shared_expert(flat, self.from_experts(routed))
-        self.aux_loss = self.balancing_loss(route, B)
-        self._routing = (route.probs.detach(), route.topk_idx.detach(), assigned.keep)
+        # Without autograd (evaluation, generation) nothing is trained: the balancing losses are skipped.
+        self.aux_loss = self.balancing_loss(route, B) if training else None
+        self._routing = (route.probs.detach(), route.topk_idx.detach(), keep)
         return out.reshape(B, T, D)
 
     @property

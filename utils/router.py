@@ -79,9 +79,13 @@ class TopKRouter(nn.Module):
     def forward(self, x):
         # At least float32, whatever the input; and autocast (bfloat16 mixed precision) must not
         # lower the logits' precision either.
-        dtype = torch.promote_types(torch.promote_types(x.dtype, self.gate.weight.dtype), torch.float32)
-        with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.to(dtype), self.gate.weight.to(dtype))
+        weight = self.gate.weight
+        dtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
+        if torch.is_autocast_enabled(x.device.type):      # (entering the context costs a decode step time)
+            with torch.autocast(x.device.type, enabled=False):
+                logits = F.linear(x.to(dtype), weight.to(dtype))
+        else:
+            logits = F.linear(x.to(dtype), weight.to(dtype))
         if self.router_type == "softmax":
             scores = torch.softmax(logits, dim=-1)
             probs = scores
@@ -92,7 +96,9 @@ class TopKRouter(nn.Module):
         topk_weight = scores.gather(1, topk_idx)
         if self.norm_topk_prob:
             topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
-        return RouterOutput(logits, scores, probs, topk_idx, topk_weight * self.routed_scaling_factor)
+        if self.routed_scaling_factor != 1.0:
+            topk_weight = topk_weight * self.routed_scaling_factor
+        return RouterOutput(logits, scores, probs, topk_idx, topk_weight)
 
 
 # The balancing losses are means over tokens. Each is computed from sums over this process's tokens
