@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from utils.gpt import GPTModel
-from utils.experts import Experts, dispatch_loop, dispatch_sorted
+from utils.experts import Experts, dispatch_grouped, dispatch_loop, dispatch_sorted, prefers_grouped_mm
 from utils.moe import MoEFeedForward, capacity_keep_mask, make_moe, moe_layers
 from utils.moe_gpt import MoEGPTModel, upcycle
 from utils.router import TopKRouter, load_balancing_loss, router_z_loss
@@ -268,11 +268,11 @@ def test_unnormalised_gates_are_the_top_k_probabilities():
     assert torch.all(weight.sum(-1) < 1)
 
 
-@pytest.mark.parametrize("expert_type", ["gelu", "swiglu"])
-def test_loop_and_sorted_dispatch_agree_in_outputs_and_gradients(expert_type):
+@pytest.mark.parametrize("expert_type", ["gelu", "swiglu", "relu2"])
+def test_loop_sorted_and_grouped_dispatch_agree_in_outputs_and_gradients(expert_type):
     x = torch.randn(4, 7, 16).abs()
     outs, grads = [], []
-    for dispatch in ("loop", "sorted"):
+    for dispatch in ("loop", "sorted", "grouped"):
         moe = make(expert_type=expert_type, moe_dispatch=dispatch)
         # Make expert 5 unreachable: with positive inputs, experts 0-4 get positive logits and
         # expert 5 gets 0, so it never makes the top 2.
@@ -285,16 +285,17 @@ def test_loop_and_sorted_dispatch_agree_in_outputs_and_gradients(expert_type):
         assert moe.last_routing["tokens_per_expert"][5] == 0
         outs.append(y)
         grads.append([xi.grad] + [p.grad if p.grad is not None else torch.zeros_like(p) for p in moe.parameters()])
-    assert torch.allclose(outs[0], outs[1], atol=1e-6)
-    for g_loop, g_sorted in zip(*grads):
-        assert torch.allclose(g_loop, g_sorted, atol=1e-5)
+    for out, grad in zip(outs[1:], grads[1:]):
+        assert torch.allclose(outs[0], out, atol=1e-6)
+        for g_loop, g_other in zip(grads[0], grad):
+            assert torch.allclose(g_loop, g_other, atol=1e-5)
 
 
 def test_dispatch_functions_handle_no_assignments():
     experts = Experts(3, 8, 12)
     x = torch.randn(4, 8)
     empty = torch.zeros(0, dtype=torch.long)
-    for dispatch in (dispatch_loop, dispatch_sorted):
+    for dispatch in (dispatch_loop, dispatch_sorted, dispatch_grouped):
         assert torch.equal(dispatch(x, empty, empty, torch.zeros(0), experts), torch.zeros(4, 8))
 
 
@@ -573,7 +574,7 @@ def test_aux_loss_free_bias_update_survives_bfloat16():
     assert torch.equal(moe.router.expert_bias, expected)             # bfloat16 would round 0.601 back to 0.6
 
 
-@pytest.mark.parametrize("dispatch", [dispatch_loop, dispatch_sorted])
+@pytest.mark.parametrize("dispatch", [dispatch_loop, dispatch_sorted])   # dispatch_grouped: the same combine
 def test_bfloat16_combine_is_summed_in_float32(dispatch):
     torch.manual_seed(0)
     E = k = 8
@@ -686,3 +687,12 @@ def test_upcycle_keeps_the_dense_models_dtype():
     idx = torch.randint(0, 50, (2, 8))
     with torch.no_grad():
         assert torch.allclose(moe(idx).float(), dense(idx).float(), atol=0.1)
+
+
+def test_grouped_matmuls_are_chosen_only_for_bfloat16_on_recent_gpus():
+    assert not prefers_grouped_mm(torch.zeros(2, 4))                       # a CPU keeps the sorted dispatch
+    assert not prefers_grouped_mm(torch.zeros(2, 4, dtype=torch.bfloat16))
+    if torch.cuda.is_available():
+        recent = torch.cuda.get_device_capability() >= (9, 0)
+        assert prefers_grouped_mm(torch.zeros(2, 4, dtype=torch.bfloat16, device="cuda")) == recent
+        assert not prefers_grouped_mm(torch.zeros(2, 4, device="cuda"))

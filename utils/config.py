@@ -40,7 +40,10 @@ MoE config keys (in the same dict as the GPT's keys; see MOE_OPTIONAL_KEYS for t
     shared_expert_gate   scale the shared expert by sigmoid(Linear(D, 1)(x)) (Qwen1.5/Qwen2-MoE)
     latent_dim           LatentMoE: the experts work in this dimension, at most emb_dim (None: plain
                          MoE; emb_dim: the projections without the compression)
-    moe_dispatch         "sorted" (fast, default) or "loop" (the readable reference); same results
+    moe_dispatch         "sorted" (fast, default), "loop" (the readable reference) or "grouped" (one
+                         grouped matmul per weight, utils.experts.dispatch_grouped); same results.
+                         "sorted" hands over to "grouped" for bfloat16 on recent NVIDIA GPUs, and to
+                         the decode path for a few tokens without autograd (utils/moe.py)
     moe_every_n_layers   in MoEGPTModel, layer i (0-based) is an MoE layer when (i + 1) % n == 0;
                          at most n_layers
 """
@@ -141,7 +144,7 @@ MOE_OPTIONAL_KEYS = {
 }
 EXPERT_TYPES = ("gelu", "swiglu", "relu2")
 ROUTER_TYPES = ("softmax", "sigmoid")
-DISPATCH_MODES = ("sorted", "loop")
+DISPATCH_MODES = ("sorted", "loop", "grouped")
 CAPACITY_PRIORITIES = ("position", "gshard")
 
 

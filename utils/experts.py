@@ -180,4 +180,46 @@ def dispatch_few(x, topk_idx, topk_weight, experts):
     return out.to(x.dtype)
 
 
-DISPATCH = {"loop": dispatch_loop, "sorted": dispatch_sorted}
+def dispatch_grouped(x, token_idx, expert_idx, weight, experts):
+    """Grouped-GEMM dispatch: sort the assignments by expert, as dispatch_sorted does, then multiply
+    all experts' slices at once, one torch.nn.functional.grouped_mm per weight matrix.
+
+    grouped_mm takes the expert-ordered rows (A, d) and the stacked weights (E, d, out), and the
+    offsets where each expert's rows end: on a recent NVIDIA GPU one fused kernel serves every
+    expert, however uneven their loads, with no host synchronisation (dispatch_sorted needs the
+    counts on the host to split the rows). Same arguments and result as dispatch_loop.
+    """
+    if not hasattr(F, "grouped_mm"):
+        raise ValueError(f"moe_dispatch 'grouped' needs torch.nn.functional.grouped_mm, which torch "
+                         f"{torch.__version__} does not have: use 'sorted'")
+    order = torch.argsort(expert_idx, stable=True)
+    ends = torch.bincount(expert_idx, minlength=experts.num_experts).cumsum(0).to(torch.int32)
+    tokens, chosen = token_idx[order], expert_idx[order]
+    x_sorted = torch.index_select(x, 0, tokens)                           # (A, d), grouped by expert
+
+    def grouped(rows, w):                                                 # rows of expert e times w[e].T
+        return F.grouped_mm(rows, w.transpose(1, 2), offs=ends)
+
+    if experts.expert_type == "swiglu":
+        h = F.silu(grouped(x_sorted, experts.w_gate)) * grouped(x_sorted, experts.w_in)
+    elif experts.expert_type == "relu2":
+        h = F.relu(grouped(x_sorted, experts.w_in)).square()
+    else:
+        h = F.gelu(grouped(x_sorted, experts.w_in) + experts.b_in[chosen], approximate="tanh")
+    y = grouped(h, experts.w_out)
+    if experts.b_out is not None:
+        y = y + experts.b_out[chosen]
+    return combine(y, tokens, weight[order], x.shape[0], x.dtype)
+
+
+def prefers_grouped_mm(x):
+    """Whether the default dispatch hands the experts over to dispatch_grouped: for bfloat16 tokens
+    on an NVIDIA GPU of compute capability 9.0 or newer (H100 and later), where grouped_mm is one
+    fused kernel for all experts (what torchtitan trains MoEs with). Elsewhere - CPUs, float32,
+    older GPUs - the sorted dispatch is kept: grouped_mm is then a loop of matmuls, or missing
+    (notebook 05 times both on your machine)."""
+    return (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(F, "grouped_mm")
+            and torch.cuda.get_device_capability(x.device) >= (9, 0))
+
+
+DISPATCH = {"loop": dispatch_loop, "sorted": dispatch_sorted, "grouped": dispatch_grouped}

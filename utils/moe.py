@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import CAPACITY_PRIORITIES, is_count, shared_expert_hidden, validate_moe_config
-from .experts import DISPATCH, Experts, dispatch_few, dispatch_sorted
+from .experts import DISPATCH, Experts, dispatch_few, dispatch_grouped, dispatch_sorted, prefers_grouped_mm
 from .router import TopKRouter, load_balancing_loss, router_z_loss, routing_stats, sequence_balance_loss
 
 # The (token, expert, gate) assignments the experts serve: token_idx, expert_idx, gate, each (A,),
@@ -110,6 +110,9 @@ class MoEFeedForward(nn.Module):
         self.bias_update_rate = cfg["bias_update_rate"]
         self.capacity_factor = cfg["capacity_factor"]
         self.capacity_priority = cfg["capacity_priority"]
+        if cfg["moe_dispatch"] == "grouped" and not hasattr(F, "grouped_mm"):
+            raise ValueError(f"config['moe_dispatch'] 'grouped' needs torch.nn.functional.grouped_mm, which torch "
+                             f"{torch.__version__} does not have: use 'sorted'")
         self.dispatch = DISPATCH[cfg["moe_dispatch"]]
         self.sum_over_ranks = None
         self.router = TopKRouter(D, self.num_experts, self.top_k, cfg["router_type"], cfg["norm_topk_prob"],
@@ -201,8 +204,11 @@ class MoEFeedForward(nn.Module):
             routed, keep = dispatch_few(self.to_experts(flat), route.topk_idx, route.topk_weight, self.experts), None
         else:
             assigned = self.assignments(route, B, T)
-            routed = self.dispatch(self.to_experts(flat), assigned.token_idx, assigned.expert_idx, assigned.gate,
-                                   self.experts)
+            dispatch = self.dispatch
+            if dispatch is dispatch_sorted and prefers_grouped_mm(x):
+                dispatch = dispatch_grouped
+            routed = dispatch(self.to_experts(flat), assigned.token_idx, assigned.expert_idx, assigned.gate,
+                              self.experts)
             keep = assigned.keep
         out = self.add_shared_expert(flat, self.from_experts(routed))
         # Without autograd (evaluation, generation) nothing is trained: the balancing losses are skipped.
