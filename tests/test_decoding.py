@@ -155,3 +155,19 @@ def test_padding_needs_dropless_moe_layers_and_wrong_mask_shapes_are_refused():
     with pytest.raises(ValueError, match="attention_mask must have shape"):
         GPTModel(GPT)(torch.tensor([[1, 2, 3]]), attention_mask=torch.ones(1, 2))
     assert len(moe_layers(model)) == 2
+
+
+@pytest.mark.parametrize("extra", [{"latent_dim": 8}, {"num_shared_experts": 1, "shared_expert_gate": True},
+                                   {"router_type": "sigmoid", "routed_scaling_factor": 2.5, "n_group": 2,
+                                    "topk_group": 1, "expert_type": "swiglu"}])
+def test_the_decode_path_equals_the_reference_in_every_layer_variant(extra):
+    from utils.moe import make_moe
+    torch.manual_seed(0)
+    layer = make_moe({**MOE, **extra}).eval()
+    x = torch.randn(3, 1, 16)                                  # 3 tokens x top-2 = 6 choices <= 8 experts
+    assert layer.serves_few(torch.zeros(3, 2, dtype=torch.long), training=False)
+    with torch.no_grad():
+        fast = layer(x)
+        layer.dispatch = dispatch_loop
+        reference = layer(x)
+    torch.testing.assert_close(fast, reference, atol=1e-6, rtol=0)
