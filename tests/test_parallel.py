@@ -1,5 +1,7 @@
 """Expert parallelism over W = 2 and 4 gloo processes equals the single-process layer: with equal,
-uneven and empty per-rank batches, collapsed routing, inputs without grad, and lockstep decoding.
+uneven and empty per-rank batches, collapsed routing, inputs without grad, deduplicated dispatch,
+expert x data-parallel groups, checkpoints saved at one W and loaded at another, and lockstep
+decoding (ranks that finish at different steps, a rank with no prompts).
 
 Starting W processes is the slow part (seconds), so each W is launched once (the `runs` fixture)
 and the launched function makes every check's measurements."""
@@ -14,7 +16,8 @@ from utils.generation import generate
 from utils.moe import make_moe
 from utils.moe_gpt import MoEGPTModel
 from utils.launch import launch
-from utils.parallel import ExpertParallelMoE
+from utils.parallel import COMBINE_AT, ExpertParallelMoE, load_expert_parallel, save_expert_parallel
+from utils.routing_analysis import destination_ranks
 
 BASE = {"emb_dim": 16, "num_experts": 8, "num_experts_per_tok": 2, "moe_hidden_dim": 12, "aux_loss_coef": 0.01}
 CONFIGS = {"plain": BASE,
@@ -25,6 +28,11 @@ CONFIGS = {"plain": BASE,
 # Uneven batches are compared with one sequence of all ranks' tokens: the same tokens in other
 # sequences, which the sequence-wise loss tells apart.
 UNEVEN_CONFIGS = {name: cfg for name, cfg in CONFIGS.items() if not cfg.get("seq_aux_loss_coef")}
+# Deduplication saves rows when a token has several experts on one rank: top-2 and top-4.
+DEDUP_CONFIGS = {"plain": BASE,
+                 "top-4, shared + sigmoid + z-loss": {**CONFIGS["shared + sigmoid + z-loss"], "num_experts_per_tok": 4},
+                 "top-4, latent": {**CONFIGS["latent"], "num_experts_per_tok": 4}}
+EXPERT_SIZES = {2: [2, 1], 4: [4, 2, 1]}          # expert-parallel group sizes: W x 1, ..., 1 x W
 SEQS_PER_RANK, T = 2, 5
 CFG = {"vocab_size": 40, "context_length": 8, "emb_dim": 16, "n_heads": 2, "n_layers": 2, "drop_rate": 0.0,
        **{k: v for k, v in BASE.items() if k != "emb_dim"}}            # a small GPT with MoE layers, to train
@@ -37,22 +45,43 @@ def layer_and_batch(cfg, world_size, seed=0):
     return moe, x
 
 
-def expert_parallel_steps(rank, world_size, decoding):
+def expert_parallel_steps(rank, world_size, decoding, checkpoint):
     """Every check's measurements on this rank, in one launch: expert_parallel_step for every
-    config, uneven and empty batches, collapsed routing, a few training steps of a small GPT, the
-    errors of bad configs, and lockstep decoding (`decoding`: see decoding_setup)."""
-    from utils.parallel_runs import train_expert_parallel
+    config, with and without deduplication and over expert x data-parallel groups, uneven and empty
+    batches, collapsed routing, a few training steps of a small GPT (every group layout), the errors
+    of bad configs, a checkpoint saved and loaded at other group sizes (at the path `checkpoint`),
+    and lockstep decoding (`decoding`: see decoding_setup)."""
+    from utils.parallel import expert_data_parallel_groups
+    from utils.parallel_runs import reshard_checkpoint, train_expert_parallel
     results = {name: expert_parallel_step(rank, world_size, cfg) for name, cfg in CONFIGS.items()}
     results["uneven"] = {(scenario, name): uneven_step(rank, world_size, cfg, shapes)
                          for scenario, shapes in SHAPES[world_size].items() for name, cfg in UNEVEN_CONFIGS.items()}
+    results["dedup"] = {(name, where): expert_parallel_step(rank, world_size, cfg, dedup=True, combine_at=where)
+                        for name, cfg in DEDUP_CONFIGS.items() for where in COMBINE_AT}
+    results["dedup uneven"] = {(scenario, where): uneven_step(rank, world_size, DEDUP_CONFIGS["top-4, latent"], shapes,
+                                                              dedup=True, combine_at=where)
+                               for scenario, shapes in SHAPES[world_size].items() for where in COMBINE_AT}
+    groups = {size: expert_data_parallel_groups(size) for size in EXPERT_SIZES[world_size]}
+    results["groups"] = {(size, dedup): expert_parallel_step(rank, world_size, DEDUP_CONFIGS["top-4, shared + sigmoid + z-loss"],
+                                                             group=groups[size].expert, dedup=dedup)
+                         for size in EXPERT_SIZES[world_size] for dedup in (False, True)}
     results["collapsed"] = collapsed_step(rank, world_size)
     results["training"] = train_expert_parallel(rank, world_size, CFG, training_batches(), 1e-2, 3, grad_clip=0.05)
+    results["group training"] = {size: train_expert_parallel(rank, world_size, CFG, training_batches(), 1e-2, 3,
+                                                             grad_clip=0.05, expert_size=size, dedup=size > 1)
+                                 for size in EXPERT_SIZES[world_size]}
     results["errors"] = build_errors(rank, world_size)
+    results["reshard"] = reshard_checkpoint(rank, world_size, CFG, checkpoint, checkpoint_batch(), EXPERT_SIZES[world_size])
     results["decoding"] = decode_in_lockstep(rank, world_size, decoding)
     return results
 
 
-CHECKS = [*CONFIGS, "uneven", "collapsed", "training", "errors", "decoding"]
+CHECKS = [*CONFIGS, "uneven", "dedup", "dedup uneven", "groups", "collapsed", "training", "group training", "errors",
+          "reshard", "decoding"]
+
+
+def checkpoint_batch():
+    return torch.randint(0, CFG["vocab_size"], (4, CFG["context_length"]), generator=torch.Generator().manual_seed(2))
 
 
 def training_batches():
@@ -60,11 +89,12 @@ def training_batches():
     return [(torch.randint(0, 40, (4, 8), generator=g), torch.randint(0, 40, (4, 8), generator=g)) for _ in range(4)]
 
 
-def expert_parallel_step(rank, world_size, cfg):
-    """One forward and backward of the expert-parallel layer on this rank's share of the batch."""
+def expert_parallel_step(rank, world_size, cfg, **kwargs):
+    """One forward and backward of the expert-parallel layer (ExpertParallelMoE(moe, **kwargs)) on
+    this rank's share of the batch (sequences rank * SEQS_PER_RANK ..., by global rank)."""
     moe, x = layer_and_batch(cfg, world_size)
     x = x[rank * SEQS_PER_RANK:(rank + 1) * SEQS_PER_RANK].clone().requires_grad_(True)
-    layer = ExpertParallelMoE(moe)
+    layer = ExpertParallelMoE(moe, **kwargs)
     y = layer(x)
     # The summed loss over ranks is the single-process loss: the aux loss is global, so each rank takes 1/W.
     (y.pow(2).sum() + layer.moe.aux_loss / world_size).backward()
@@ -73,7 +103,7 @@ def expert_parallel_step(rank, world_size, cfg):
     replicated = {name: p.grad for name, p in layer.moe.named_parameters()}
     return {"y": y.detach(), "x_grad": x.grad, "expert_grads": expert_grads, "replicated_grads": replicated,
             "aux_loss": layer.moe.aux_loss.item(), "expert_params": sum(p.numel() for p in layer.local_experts.parameters()),
-            "exchange": layer.last_exchange, "routed": routed,
+            "exchange": layer.last_exchange, "routed": routed, "first_expert": layer.first_expert,
             "local_weights": {name: p.detach() for name, p in layer.local_experts.named_parameters()}}
 
 
@@ -95,14 +125,14 @@ def grads(module):
     return {name: torch.zeros_like(p) if p.grad is None else p.grad for name, p in module.named_parameters()}
 
 
-def uneven_step(rank, world_size, cfg, shapes):
+def uneven_step(rank, world_size, cfg, shapes, **kwargs):
     """One forward and backward (training mode, input requiring grad) on rank `rank`'s share, of
-    shape shapes[rank], of the tokens of uneven_batch."""
+    shape shapes[rank], of the tokens of uneven_batch (ExpertParallelMoE(moe, **kwargs))."""
     moe, tokens, weights = uneven_batch(cfg, shapes)
     (B, T_r), D = shapes[rank], cfg["emb_dim"]
     start = sum(b * t for b, t in shapes[:rank])
     x = tokens[start:start + B * T_r].reshape(B, T_r, D).clone().requires_grad_(True)
-    layer = ExpertParallelMoE(moe).train()
+    layer = ExpertParallelMoE(moe, **kwargs).train()
     y = layer(x)
     ((y * weights[start:start + B * T_r].reshape(B, T_r, D)).sum() + layer.moe.aux_loss / world_size).backward()
     return {"y": y.detach(), "x_grad": x.grad, "aux_loss": layer.moe.aux_loss.item(),
@@ -135,17 +165,20 @@ def collapsed_step(rank, world_size):
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"W={w}")
-def runs(request):
+def runs(request, tmp_path_factory):
     world_size = request.param
     decoding = decoding_setup(world_size)
-    per_rank = launch(expert_parallel_steps, world_size, decoding)
-    return world_size, {name: [r[name] for r in per_rank] for name in CHECKS}, decoding
+    checkpoint = tmp_path_factory.mktemp("checkpoint") / f"saved_at_{world_size}.safetensors"
+    per_rank = launch(expert_parallel_steps, world_size, decoding, str(checkpoint))
+    return world_size, {name: [r[name] for r in per_rank] for name in CHECKS}, {**decoding, "checkpoint": checkpoint}
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_expert_parallel_equals_the_single_process_layer(runs, name):
-    world_size, results, _ = runs
-    cfg, ranks = CONFIGS[name], results[name]
+def check_layer(cfg, ranks, world_size, expert_size=None):
+    """The per-rank results of expert_parallel_step equal the single-process layer's: outputs, input,
+    expert and replicated gradients, the aux loss, the experts each rank holds. expert_size: the
+    expert-parallel groups' size (None: all ranks); the copies of an expert (one per group) each
+    hold the gradient of their group's tokens, which add up to the single-process one."""
+    expert_size = expert_size or world_size
     moe, x = layer_and_batch(cfg, world_size)
     x.requires_grad_(True)
     y = moe(x)
@@ -153,28 +186,100 @@ def test_expert_parallel_equals_the_single_process_layer(runs, name):
     assert torch.allclose(torch.cat([r["y"] for r in ranks]), y, atol=1e-5)
     assert torch.allclose(torch.cat([r["x_grad"] for r in ranks]), x.grad, atol=1e-5)
     assert all(r["aux_loss"] == pytest.approx(moe.aux_loss.item(), rel=1e-5) for r in ranks)
-    per_rank = cfg["num_experts"] // world_size
+    per_rank = cfg["num_experts"] // expert_size
+    rows = [ranks[i:i + expert_size] for i in range(0, world_size, expert_size)]      # the expert-parallel groups
     for name_, param in moe.experts.named_parameters():
-        stacked = torch.cat([r["expert_grads"][name_] for r in ranks])          # rank r holds its E/W experts
-        assert torch.allclose(stacked, param.grad, atol=1e-5), name_
+        total = sum(torch.cat([r["expert_grads"][name_] for r in row]) for row in rows)   # rank r holds its E/W experts
+        assert torch.allclose(total, param.grad, atol=1e-5), name_
     for name_, param in moe.named_parameters():
         if not name_.startswith("experts."):                                   # replicated: gradients add up
             total = sum(r["replicated_grads"][name_] for r in ranks)
             assert torch.allclose(total, param.grad, atol=1e-5), name_
     assert torch.equal(torch.cat([r["routed"] for r in ranks]), moe.last_routing["topk_idx"])
-    # Bytes that leave rank r: its rows to other ranks (dispatch) and the results it returns to them
-    # (combine), i.e. row r and column r of the global send matrix, without the diagonal.
-    sends = torch.tensor([r["exchange"]["sent_rows"] for r in ranks])
-    off = sends - torch.diag(sends.diag())
-    vector_bytes = (cfg.get("latent_dim") or cfg["emb_dim"]) * 4
-    assert [r["exchange"]["bytes_sent"] for r in ranks] == ((off.sum(1) + off.sum(0)) * vector_bytes).tolist()
-    assert [r["exchange"]["received_rows"] for r in ranks] == sends.T.tolist()
     full_experts = sum(p.numel() for p in moe.experts.parameters())
-    assert all(r["expert_params"] == full_experts // world_size for r in ranks)    # only its share
-    assert sum(sum(r["exchange"]["sent_rows"]) for r in ranks) == world_size * SEQS_PER_RANK * T * cfg["num_experts_per_tok"]
+    assert all(r["expert_params"] == full_experts // expert_size for r in ranks)    # only its share
     for rank, r in enumerate(ranks):                                            # rank r holds experts r*E/W ...
+        first = rank % expert_size * per_rank
+        assert r["first_expert"] == first
         for name_, param in moe.experts.named_parameters():
-            assert torch.equal(r["local_weights"][name_], param.detach()[rank * per_rank:(rank + 1) * per_rank]), name_
+            assert torch.equal(r["local_weights"][name_], param.detach()[first:first + per_rank]), name_
+    return moe
+
+
+def check_bytes(cfg, ranks, world_size, dedup=False, combine_at="destination"):
+    """last_exchange's rows and bytes, against what the routing asks for: one row per assignment, or
+    (dedup) one per distinct (token, destination rank) pair, counted here from each rank's
+    routing; every row's size from the config; bytes_sent = the bytes of rows for other ranks."""
+    E_r, k = cfg["num_experts"] // world_size, cfg["num_experts_per_tok"]
+    owner = [r["routed"] // E_r for r in ranks]                                 # (N, k) destination of each choice
+    one_hot = [torch.nn.functional.one_hot(o, world_size) for o in owner]       # (N, k, W)
+    per_choice = torch.stack([h.sum((0, 1)) for h in one_hot])                  # (from, to) assignments
+    pairs = torch.stack([h.amax(1).sum(0) for h in one_hot])                    # (from, to) distinct (token, rank)
+    sends = pairs if dedup else per_choice
+    assert [r["exchange"]["sent_rows"] for r in ranks] == sends.tolist()
+    assert [r["exchange"]["received_rows"] for r in ranks] == sends.T.tolist()
+    returned = per_choice.T if dedup and combine_at == "source" else sends.T   # rows each rank sends back
+    assert [r["exchange"]["returned_rows"] for r in ranks] == returned.tolist()
+    d, slots = cfg.get("latent_dim") or cfg["emb_dim"], min(k, E_r)
+    row_bytes = {"counts": 8 * (1 if dedup else E_r), "vectors": 4 * d, "results": 4 * d}
+    if dedup:
+        row_bytes["expert_ids"] = 4 * slots
+        if combine_at == "destination":
+            row_bytes["gates"] = 4 * slots
+    rows = {"counts": torch.ones(world_size, world_size, dtype=torch.long), "vectors": sends, "expert_ids": sends,
+            "gates": sends, "results": returned}
+    for rank, r in enumerate(ranks):
+        tensors = r["exchange"]["tensors"]
+        assert {name: t["row_bytes"] for name, t in tensors.items()} == row_bytes
+        assert all(t["rows"] == rows[name][rank].tolist() for name, t in tensors.items())
+        off = sum(b * (rows[name][rank].sum() - rows[name][rank, rank]) for name, b in row_bytes.items())
+        assert r["exchange"]["bytes_sent"] == off
+    assert destination_ranks(torch.cat([r["routed"] for r in ranks]), cfg["num_experts"], world_size).sum() == pairs.sum()
+    return pairs.sum().item(), per_choice.sum().item()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_expert_parallel_equals_the_single_process_layer(runs, name):
+    world_size, results, _ = runs
+    cfg, ranks = CONFIGS[name], results[name]
+    check_layer(cfg, ranks, world_size)
+    check_bytes(cfg, ranks, world_size)
+    assert sum(sum(r["exchange"]["sent_rows"]) for r in ranks) == world_size * SEQS_PER_RANK * T * cfg["num_experts_per_tok"]
+
+
+@pytest.mark.parametrize("where", COMBINE_AT)
+@pytest.mark.parametrize("name", list(DEDUP_CONFIGS))
+def test_deduplicated_dispatch_sends_a_token_once_per_rank(runs, name, where):
+    """dedup=True: one row per distinct (token, destination rank), read from the exchanged tensors;
+    fewer than one per assignment; outputs and every gradient still the single-process layer's."""
+    world_size, results, _ = runs
+    cfg = DEDUP_CONFIGS[name]
+    ranks = [r[name, where] for r in results["dedup"]]
+    check_layer(cfg, ranks, world_size)
+    distinct, assignments = check_bytes(cfg, ranks, world_size, dedup=True, combine_at=where)
+    assert assignments == world_size * SEQS_PER_RANK * T * cfg["num_experts_per_tok"]
+    assert distinct < assignments                                              # top-k >= 2: rows saved
+
+
+@pytest.mark.parametrize("where", COMBINE_AT)
+def test_deduplicated_dispatch_with_uneven_and_empty_ranks(runs, where):
+    world_size, results, _ = runs
+    for scenario, shapes in SHAPES[world_size].items():
+        ranks = [r[scenario, where] for r in results["dedup uneven"]]
+        assert [tuple(r["y"].shape[:2]) for r in ranks] == shapes
+        moe, x, w = uneven_batch(DEDUP_CONFIGS["top-4, latent"], shapes)
+        assert_equals_single_process(moe, x, w, ranks, world_size)
+
+
+@pytest.mark.parametrize("dedup", [False, True], ids=["per assignment", "dedup"])
+def test_expert_times_data_parallel_groups_equal_the_single_process_layer(runs, dedup):
+    """W processes as (W / s) data-parallel copies of s-rank expert-parallel groups, for every s
+    (at W = 4: 4 x 1, 2 x 2, 1 x 4): each copy's experts see its group's tokens, and the copies'
+    gradients add up to the single-process layer's; the aux loss is that of all W ranks' tokens."""
+    world_size, results, _ = runs
+    cfg = DEDUP_CONFIGS["top-4, shared + sigmoid + z-loss"]
+    for size in EXPERT_SIZES[world_size]:
+        check_layer(cfg, [r[size, dedup] for r in results["groups"]], world_size, expert_size=size)
 
 
 def assert_equals_single_process(moe, x, w, ranks, world_size, x_grad_ranks=None):
@@ -240,11 +345,18 @@ BAD = {"6 experts": {**BASE, "num_experts": 6}, "bias updates": {**BASE, "bias_u
 
 
 def build_errors(rank, world_size):
-    """The error each BAD config raises when wrapped in a group of world_size ranks."""
+    """The error each BAD config raises when wrapped in a group of world_size ranks, and those of bad
+    arguments (dedup, combine_at, an expert-parallel size that does not divide world_size)."""
+    from utils.parallel import expert_data_parallel_groups
+
     errors = {}
-    for name, cfg in BAD.items():
+    attempts = {name: (lambda cfg=cfg: ExpertParallelMoE(make_moe(cfg))) for name, cfg in BAD.items()}
+    attempts["dedup"] = lambda: ExpertParallelMoE(make_moe(BASE), dedup="yes")
+    attempts["combine_at"] = lambda: ExpertParallelMoE(make_moe(BASE), combine_at="anywhere")
+    attempts["expert_size"] = lambda: expert_data_parallel_groups(3)
+    for name, attempt in attempts.items():
         try:
-            ExpertParallelMoE(make_moe(cfg))
+            attempt()
         except ValueError as err:
             errors[name] = str(err)
     return errors
@@ -254,11 +366,14 @@ def test_bad_input_is_rejected(runs):
     world_size, results, _ = runs
     for errors in results["errors"]:
         if world_size == 4:
-            assert "num_experts (6) must be divisible by the world size (4)" in errors["6 experts"]
+            assert "num_experts (6) must be divisible by the expert-parallel group's size (4)" in errors["6 experts"]
         else:
             assert "6 experts" not in errors                                   # 6 experts over 2 ranks: fine
         assert "bias_update_rate must be 0" in errors["bias updates"]
         assert "capacity_factor must be None" in errors["capacity"]
+        assert "dedup must be True or False, got 'yes'" in errors["dedup"]
+        assert "combine_at must be one of ('destination', 'source')" in errors["combine_at"]
+        assert f"expert_size must be a positive integer dividing the world size ({world_size}), got 3" in errors["expert_size"]
 
 
 GEN_CFG = {**CFG, "context_length": 16}
@@ -302,7 +417,15 @@ def decode_in_lockstep(rank, world_size, decoding):
         error = str(err)
     tokens = generate_expert_parallel(model, prompts, MAX_NEW, eos_id=eos_id)
     plain = generate(model, prompts, MAX_NEW, eos_id=eos_id)          # the layers' decoding_stop: lockstep too
-    return {"tokens": tokens, "plain": plain, "error": error, "training": model.training}
+    # Deduplicated dispatch, and the last rank with no prompts at all: it steps with an empty batch.
+    torch.manual_seed(decoding["seed"])
+    dedup = expert_parallel(MoEGPTModel(GEN_CFG), dedup=True)
+    steps = []
+    dedup.trf_blocks[0].ff.register_forward_hook(lambda module, args, out: steps.append(args[0].shape[:2]))
+    mine = prompts[:0] if rank == world_size - 1 else prompts
+    empty = generate_expert_parallel(dedup, mine, MAX_NEW, eos_id=eos_id)
+    return {"tokens": tokens, "plain": plain, "error": error, "training": model.training, "empty rank": empty,
+            "empty rank steps": steps}
 
 
 def test_decoding_keeps_the_ranks_in_lockstep(runs):
@@ -317,6 +440,18 @@ def test_decoding_keeps_the_ranks_in_lockstep(runs):
         assert "max_new_tokens must be the same" in r["error"]                  # refused on every rank alike
         assert r["training"]                                                     # train mode restored
     assert len({single.shape[1] - prompts.shape[1] for prompts, single in zip(decoding["prompts"], decoding["single"])}) >= 2
+    # With deduplication, and the last rank without prompts: it keeps stepping, with empty batches
+    # (B = 0) in every layer, until the other ranks are done.
+    steps = min(max(decoding["finish_steps"][:-1]) + 1, MAX_NEW)
+    for rank, (prompts, single, r) in enumerate(zip(decoding["prompts"], decoding["single"], ranks)):
+        if rank < world_size - 1:
+            expected = torch.cat([single[:, :prompts.shape[1] + steps],
+                                  torch.full((len(single), max(0, prompts.shape[1] + steps - single.shape[1])), eos_id)], 1)
+        else:
+            expected = torch.empty(0, prompts.shape[1] + steps, dtype=prompts.dtype)
+            assert all(batch == 0 for batch, _ in r["empty rank steps"])          # B = 0 at every step
+        assert r["empty rank"].shape == expected.shape and torch.equal(r["empty rank"], expected)
+        assert len(r["empty rank steps"]) == steps                                 # one forward pass per new token
 
 
 def exits_on_rank_1(rank, world_size):
@@ -362,6 +497,54 @@ def test_launch_fails_fast_when_a_rank_dies_or_cannot_import_fn():
         only_in_main.__module__, only_in_main.__qualname__ = __name__, "only_in_main"
 
 
+def test_checkpoint_saved_at_one_w_loads_at_another(runs):
+    """save_expert_parallel at W writes one safetensors file (every expert under its global index, the
+    single-process model's state_dict); load_expert_parallel reads it into a model split over
+    expert-parallel groups of every size (at W = 4: 4, 2 and 1 ranks), each rank reading only its
+    experts, and into a plain model in this process: the same outputs as the saved model."""
+    from safetensors.torch import load_file
+
+    world_size, results, setup = runs
+    ranks = results["reshard"]
+    saved = torch.cat([r["saved"] for r in ranks])
+    torch.manual_seed(0)
+    reference = MoEGPTModel(CFG).eval()                                         # the saved model, in one process
+    stored = load_file(setup["checkpoint"])                                     # a valid safetensors file
+    assert stored.keys() == reference.state_dict().keys()
+    assert all(torch.equal(stored[name], t) for name, t in reference.state_dict().items())
+    with torch.no_grad():
+        assert torch.allclose(saved, reference(checkpoint_batch()), atol=1e-5)
+    expert_values = sum(t.numel() for name, t in stored.items() if ".experts." in name)
+    for size in EXPERT_SIZES[world_size]:
+        loaded = torch.cat([r[size]["logits"] for r in ranks])
+        assert not torch.allclose(torch.cat([r[size]["before"] for r in ranks]), saved, atol=1e-3)   # other weights before
+        assert torch.allclose(loaded, saved, atol=1e-5), size
+        for r in ranks:                                 # each rank read and holds its share of the experts only
+            assert r[size]["read"]["expert_values"] == r[size]["local_experts"] == expert_values // size
+            assert r[size]["read"]["other_values"] == sum(t.numel() for name, t in stored.items() if ".experts." not in name)
+    torch.manual_seed(1)
+    plain = MoEGPTModel(CFG).eval()                                             # W' = 1, no process group
+    assert load_expert_parallel(plain, setup["checkpoint"])["expert_values"] == expert_values
+    with torch.no_grad():
+        assert torch.allclose(plain(checkpoint_batch()), saved, atol=1e-5)
+
+
+def test_checkpoint_errors_and_a_plain_model(tmp_path):
+    """A plain model (no process group) is saved in the same format; a model of another shape is
+    refused with the names of the tensors at fault."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    model = MoEGPTModel(CFG)
+    save_expert_parallel(model, tmp_path / "plain.safetensors")
+    stored = load_file(tmp_path / "plain.safetensors")
+    assert all(torch.equal(stored[name], t) for name, t in model.state_dict().items()) and stored.keys() == model.state_dict().keys()
+    with pytest.raises(ValueError, match=r"missing \[\].*unexpected \['trf_blocks.1.att.W_key.weight'"):
+        load_expert_parallel(MoEGPTModel({**CFG, "n_layers": 1}), tmp_path / "plain.safetensors")
+    with pytest.raises(ValueError, match=r"trf_blocks.0.ff.experts.w_in: the checkpoint's shape \(8, 12, 16\) must be the model's, \(8, 6, 16\)"):
+        load_expert_parallel(MoEGPTModel({**CFG, "moe_hidden_dim": 6}), tmp_path / "plain.safetensors")
+
+
 def test_expert_and_data_parallel_training_equals_one_process(runs):
     """utils.train.train with the expert-parallel gradient hook equals train in one process: AdamW
     with weight decay, the warmup + cosine schedule and clipping by the global gradient norm."""
@@ -379,6 +562,11 @@ def test_expert_and_data_parallel_training_equals_one_process(runs):
     assert all(r == ranks[0] for r in ranks)                                    # every rank reports the global loss
     assert ranks[0] == pytest.approx(single, abs=1e-5)
     assert single[-1] < single[0]
+    # Expert x data-parallel groups (at W = 4: 4 x 1, 2 x 2 and 1 x 4; deduplicated dispatch where s > 1):
+    # expert gradients averaged over their copies, replicated ones over all ranks: the same losses.
+    for size, ranks in ((size, [r[size] for r in runs[1]["group training"]]) for size in EXPERT_SIZES[runs[0]]):
+        assert all(r == ranks[0] for r in ranks)
+        assert ranks[0] == pytest.approx(single, abs=1e-5), size
 
 
 def test_rank_loads_and_destinations():
