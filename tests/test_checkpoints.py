@@ -19,9 +19,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from utils import checkpoints
-from utils.checkpoints import load_hf_checkpoint, model_from_hf_config, save_hf_checkpoint
+from utils.checkpoints import hf_tensor_map, load_hf_checkpoint, model_from_hf_config, save_hf_checkpoint
 from utils.generation import generate
-from utils.hf_to_course import SUPPORTED_MODEL_TYPES, config_from_hf
+from utils.hf_to_course import SUPPORTED_MODEL_TYPES, config_from_hf, fp8_block_size
 from utils.modern import ModernMoEModel, RMSNorm, apply_rope, rope_cos_sin, rope_inverse_frequencies
 from utils.moe import MoEFeedForward
 
@@ -376,48 +376,232 @@ def test_a_path_to_a_file_asks_for_the_directory(saved, tmp_path):
 
 
 FP8 = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [128, 128]}
+REFUSED = [{"quant_method": "mxfp4"}, {"quant_method": "gptq", "bits": 4},
+           {"quant_method": "bitsandbytes", "load_in_4bit": True}, {}]
 
 
-def test_a_quantized_checkpoint_is_refused_before_any_tensor_is_read(saved, tmp_path, monkeypatch):
-    """An FP8 checkpoint as Qwen3-30B-A3B-FP8 and DeepSeek-V3 ship it: the linear layers' weights in
-    float8_e4m3fn, each with a weight_scale_inv (one float32 scale per 128 x 128 block) that gives
-    the weights their values. Copying those float8 numbers without their scales gives wrong weights:
-    the config's quantization_config is refused first, and no file is opened."""
+@pytest.mark.parametrize("quantization", REFUSED)
+def test_an_unsupported_quantization_is_refused_before_any_tensor_is_read(saved, tmp_path, monkeypatch, quantization):
+    """A quantisation the loader cannot read (MXFP4, GPTQ, ...) stores packed integers and scales
+    that copied into float parameters would give wrong weights: its quantization_config is refused
+    first, and no file is opened."""
     import shutil
 
     _, path = saved["qwen3_moe", "a"]
-    fp8 = tmp_path / "fp8"
-    shutil.copytree(path, fp8)
-    config = json.loads((fp8 / "config.json").read_text())
-    (fp8 / "config.json").write_text(json.dumps({**config, "quantization_config": FP8}))
-
-    def quantize(tensors):
-        for name in [n for n in tensors if n.endswith("proj.weight")]:
-            out, inp = tensors[name].shape
-            tensors[name] = tensors[name].to(torch.float8_e4m3fn)
-            tensors[name + "_scale_inv"] = torch.ones(math.ceil(out / 128), math.ceil(inp / 128))
-
-    _rewrite(fp8, quantize)
+    target = tmp_path / "quantized"
+    shutil.copytree(path, target)
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, "quantization_config": quantization}))
     opened = []
     real_safe_open = checkpoints.safe_open
     monkeypatch.setattr(checkpoints, "safe_open", lambda *a, **kw: opened.append(a) or real_safe_open(*a, **kw))
-    with pytest.raises(ValueError, match=r"quantization_config \(quant_method 'fp8'\): quantised checkpoints are not "
-                                         r"supported yet"):
-        load_hf_checkpoint(fp8)
+    with pytest.raises(ValueError, match=rf"quantization_config \(quant_method {quantization.get('quant_method')!r}\): "
+                                         r"this quantisation is not supported"):
+        load_hf_checkpoint(target)
     assert opened == []
 
 
-@pytest.mark.parametrize("quantization", [FP8, {"quant_method": "mxfp4"}, {"quant_method": "gptq", "bits": 4},
-                                          {"quant_method": "bitsandbytes", "load_in_4bit": True}, {}])
-def test_config_from_hf_refuses_a_quantization_config(quantization):
-    hf = dict(model_type="mixtral", vocab_size=10, hidden_size=8, num_attention_heads=2, num_hidden_layers=1,
-              max_position_embeddings=32, rms_norm_eps=1e-5, num_local_experts=2, num_experts_per_tok=1,
-              intermediate_size=4, quantization_config=quantization)
-    message = rf"quant_method {quantization.get('quant_method')!r}\): quantised checkpoints are not supported"
+BASE = dict(model_type="mixtral", vocab_size=10, hidden_size=8, num_attention_heads=2, num_hidden_layers=1,
+            max_position_embeddings=32, rms_norm_eps=1e-5, num_local_experts=2, num_experts_per_tok=1,
+            intermediate_size=4)
+
+
+@pytest.mark.parametrize("quantization", REFUSED)
+def test_config_from_hf_refuses_a_quantization_other_than_fp8(quantization):
+    hf = {**BASE, "quantization_config": quantization}
+    message = rf"quant_method {quantization.get('quant_method')!r}\): this quantisation is not supported"
     for build in (config_from_hf, model_from_hf_config):
         with pytest.raises(ValueError, match=message):
             build(hf)
-    assert config_from_hf({**hf, "quantization_config": None})["num_experts"] == 2     # null: not quantised
+    assert config_from_hf({**BASE, "quantization_config": None})["num_experts"] == 2     # null: not quantised
+    assert config_from_hf({**BASE, "quantization_config": FP8}) == config_from_hf(BASE)  # FP8: the same model
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"activation_scheme": "static"}, "activation_scheme must be 'dynamic'"),
+    ({"fmt": "e5m2"}, "fmt must be 'e4m3'"),
+    ({"scale_fmt": "ue8m0"}, "scale_fmt must be 'float'"),
+    ({"weight_block_size": None}, r"weight_block_size must be two positive ints, e.g. \[128, 128\], got None"),
+    ({"weight_block_size": [128]}, "weight_block_size must be two positive ints")])
+def test_fp8_layouts_the_loader_does_not_read_are_refused(change, message):
+    with pytest.raises(ValueError, match=message):
+        config_from_hf({**BASE, "quantization_config": {**FP8, **change}})
+    assert fp8_block_size({**BASE, "quantization_config": {**FP8, "weight_block_size": [64, 32]}}) == (64, 32)
+    assert fp8_block_size(BASE) is None
+
+
+def fp8_like_transformers(path, target, block):
+    """Copy the checkpoint in `path` to `target` in block-scaled FP8, quantised by transformers' own
+    Fp8Quantize (the writer is not ours): every attention and expert matrix, each with its
+    weight_scale_inv; config.json gets DeepSeek-V3's quantization_config with this block size."""
+    import shutil
+    from types import SimpleNamespace
+
+    from transformers import FineGrainedFP8Config
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+    shutil.copytree(path, target)
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, "quantization_config": {**FP8, "weight_block_size": list(block)}}))
+    quantize = Fp8Quantize(SimpleNamespace(quantization_config=FineGrainedFP8Config(weight_block_size=tuple(block))))
+
+    def edit(tensors):
+        for name in [n for n in tensors if checkpoints.is_fp8_linear(n)]:
+            out = quantize.convert({name: tensors[name]})
+            assert out[name].dtype == torch.float8_e4m3fn, name          # whole blocks: every matrix quantised
+            tensors.update(out)
+    _rewrite(target, edit)
+    return target
+
+
+def _dequantized_weights(path):
+    """{name: float32 weights} of every FP8 tensor in a checkpoint, by utils.quant, and the block size."""
+    from utils.quant import dequantize_fp8_blockwise
+
+    block = tuple(json.loads((path / "config.json").read_text())["quantization_config"]["weight_block_size"])
+    tensors = {}
+    for f in path.glob("*.safetensors"):
+        tensors.update(load_file(f))
+    return {name: dequantize_fp8_blockwise(t, tensors[name + "_scale_inv"], block)
+            for name, t in tensors.items() if t.dtype == torch.float8_e4m3fn}, block
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe", "qwen2_moe"])
+def test_an_fp8_checkpoint_in_the_published_layout_loads(saved, tmp_path, family, monkeypatch):
+    """A block-scaled FP8 checkpoint written by transformers' quantiser loads: each weight is its FP8
+    numbers times their block's scale, within utils.quant's bound of the unquantised weight; the
+    logits stay close to the unquantised model's, and transformers, loading the same files (it
+    dequantises too, on a CPU), gives the same logits."""
+    from transformers.quantizers import quantizer_finegrained_fp8
+
+    from utils.quant import fp8_error_bound, quantize_fp8_blockwise
+
+    ref, path = saved[family, "a"]
+    fp8 = fp8_like_transformers(path, tmp_path / "fp8", block=(8, 8))
+    ours, full = load_hf_checkpoint(fp8), load_hf_checkpoint(path)
+    assert ours.hf_config["quantization_config"]["weight_block_size"] == [8, 8]
+    dequantized, block = _dequantized_weights(fp8)
+    original = {name: torch.cat(parts, dim) for name, (parts, dim) in hf_tensor_map(full).items()}
+    loaded = {name: torch.cat(parts, dim) for name, (parts, dim) in hf_tensor_map(ours).items()}
+    assert set(dequantized) == {name for name in loaded if checkpoints.is_fp8_linear(name)}
+    for name, weight in loaded.items():
+        if name not in dequantized:
+            assert torch.equal(weight, original[name])                 # stored in float: read as it is
+            continue
+        assert torch.equal(weight, dequantized[name])                  # FP8 number x its block's scale
+        _, scale_inv = quantize_fp8_blockwise(original[name], block)
+        assert ((weight - original[name]).abs() <= fp8_error_bound(original[name], scale_inv, block)).all()
+
+    idx = tokens(ref.config.vocab_size)
+    with torch.no_grad():
+        exact, got = full(idx), ours(idx)
+        rounded = copy_with_weights(full, lambda name, w: w.bfloat16().float() if name in dequantized else w)(idx)
+    error, bf16_error = (got - exact).norm() / exact.norm(), (rounded - exact).norm() / exact.norm()
+    # e4m3 keeps 3 mantissa bits, bfloat16 7: FP8 weights move the logits further than bf16 ones. (Not
+    # 16 times further: these random models amplify small changes, and even bf16 moves them by 1-4%.)
+    assert error < 0.25 and error > 1.5 * bf16_error, (error, bf16_error)
+    assert (got.argmax(-1) == exact.argmax(-1)).float().mean() > 0.6
+
+    # transformers asks for the accelerate package before it reads any FP8 checkpoint, although on a
+    # CPU it only dequantises them, which needs no accelerate (a course dependency it is not).
+    monkeypatch.setattr(quantizer_finegrained_fp8, "is_accelerate_available", lambda: True)
+    theirs = AutoModelForCausalLM.from_pretrained(fp8, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(idx).logits, got, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe", "qwen2_moe"])
+def test_our_fp8_checkpoint_loads_in_transformers(saved, tmp_path, family, monkeypatch):
+    """What save_hf_checkpoint writes in FP8, transformers reads (dequantising, on a CPU) to the logits
+    we load. Blocks of 8 divide every matrix here: transformers' dequantisation on load infers the
+    block size from the shapes (rows // scale rows), which is wrong for partial edge blocks."""
+    from transformers.quantizers import quantizer_finegrained_fp8
+
+    ref, path = saved[family, "a"]
+    out = save_hf_checkpoint(load_hf_checkpoint(path), tmp_path / "fp8", fp8_block_size=(8, 8))
+    monkeypatch.setattr(quantizer_finegrained_fp8, "is_accelerate_available", lambda: True)   # see above
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    idx = tokens(ref.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(idx).logits, load_hf_checkpoint(out)(idx), atol=1e-5, rtol=0)
+
+
+def copy_with_weights(model, edit):
+    """A copy of a loaded model whose checkpoint tensors are edit(name, tensor)."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, (parts, dim) in hf_tensor_map(twin).items():
+            new = edit(name, torch.cat(parts, dim))
+            for part, piece in zip(parts, new.split([t.shape[dim] for t in parts], dim)):
+                part.copy_(piece)
+    return twin
+
+
+@pytest.mark.parametrize("family", SUPPORTED_MODEL_TYPES)
+def test_our_fp8_checkpoints_load_back_with_partial_edge_blocks(saved, tmp_path, family):
+    """save_hf_checkpoint(..., fp8_block_size) writes the published layout; with blocks of 32 the
+    variant-b models (hidden size 48) have partial edge blocks. Loading gives every weight within
+    the bound; saving the loaded model without fp8_block_size writes a plain float checkpoint."""
+    from utils.quant import fp8_error_bound, quantize_fp8_blockwise
+
+    _, path = saved[family, "b"]
+    full = load_hf_checkpoint(path)
+    out = save_hf_checkpoint(full, tmp_path / "fp8", max_shard_bytes=20_000, fp8_block_size=(32, 32))
+    assert len(list(out.glob("*.safetensors"))) > 1                    # scales may sit in another shard
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"] == {**FP8, "weight_block_size": [32, 32]}
+    back = load_hf_checkpoint(out)
+    dequantized, _ = _dequantized_weights(out)
+    for name, (parts, dim) in hf_tensor_map(back).items():
+        weight, original = torch.cat(parts, dim), torch.cat(hf_tensor_map(full)[name][0], dim)
+        if name in dequantized:
+            _, scale_inv = quantize_fp8_blockwise(original, (32, 32))
+            assert torch.equal(weight, dequantized[name])
+            assert ((weight - original).abs() <= fp8_error_bound(original, scale_inv, (32, 32))).all()
+        else:
+            assert torch.equal(weight, original)
+    assert any(t.shape[-1] % 32 for t in dequantized.values())          # partial edge blocks occurred
+    plain = save_hf_checkpoint(back, tmp_path / "plain")
+    assert "quantization_config" not in json.loads((plain / "config.json").read_text())
+    idx = tokens(full.cfg["vocab_size"])
+    with torch.no_grad():
+        assert torch.equal(load_hf_checkpoint(plain)(idx), back(idx))
+    assert load_hf_checkpoint(out, dtype="bfloat16").tok_emb.weight.dtype == torch.bfloat16
+
+
+def test_bad_fp8_checkpoints_give_clear_errors(saved, tmp_path):
+    _, path = saved["qwen3_moe", "a"]
+    name = "model.layers.0.mlp.experts.1.up_proj.weight"
+    fp8 = save_hf_checkpoint(load_hf_checkpoint(path), tmp_path / "fp8", fp8_block_size=(8, 8))
+
+    def broken(tag, edit_tensors=None, quantization="keep"):
+        import shutil
+
+        target = tmp_path / tag
+        shutil.copytree(fp8, target)
+        if edit_tensors:
+            _rewrite(target, edit_tensors)
+        if quantization != "keep":
+            config = json.loads((target / "config.json").read_text())
+            config["quantization_config"] = quantization
+            (target / "config.json").write_text(json.dumps(config))
+        return target
+
+    with pytest.raises(ValueError, match=rf"FP8 tensor '{re.escape(name)}' has no '{re.escape(name)}_scale_inv'"):
+        load_hf_checkpoint(broken("no_scale", lambda t: t.pop(name + "_scale_inv")))
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.experts.1.up_proj.weight_scale_inv' scales a tensor"):
+        load_hf_checkpoint(broken("no_weight", lambda t: t.pop(name)))
+    with pytest.raises(ValueError, match=r"scale_inv has shape \(1, 1\); a weight of shape \(16, 32\) in blocks of "
+                                         r"\(8, 8\) needs \(2, 4\)"):
+        load_hf_checkpoint(broken("scale_shape", lambda t: t.update({name + "_scale_inv": torch.ones(1, 1)})))
+    with pytest.raises(ValueError, match="is stored in torch.float8_e4m3fn but config.json declares no FP8"):
+        load_hf_checkpoint(broken("no_config", quantization=None))
+    with pytest.raises(ValueError, match=r"has a '.*_scale_inv' but is stored in torch.float32"):
+        load_hf_checkpoint(broken("float_weight", lambda t: t.update({name: t[name].float()})))
+    with pytest.raises(ValueError, match=r"fp8_block_size must be None or two positive ints, e.g. \(128, 128\), got 128"):
+        save_hf_checkpoint(load_hf_checkpoint(path), tmp_path / "bad", fp8_block_size=128)
 
 
 def test_config_from_hf_refuses_what_the_decoder_does_not_implement():

@@ -92,6 +92,7 @@ WRITTEN_BEFORE_IMPORTED = {
     "09": ["KVCache"],
     "10": ["ExpertParallelMoE", "launch", "measure_exchange"],
     "11": ["RMSNorm", "apply_rope", "GroupedQueryAttention"],
+    "12": ["quantize_fp8_blockwise", "dequantize_fp8_blockwise", "quantize_mxfp4", "dequantize_mxfp4"],
 }
 
 

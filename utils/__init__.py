@@ -19,6 +19,7 @@ dtypes, counting, hf_config, hf_moe, hf_params, params, published, memory
 serving           what a decode step reads: experts touched, weight bytes
 launch, parallel, parallel_runs   processes with torch.distributed; expert parallelism;
                   what notebook 10 runs on every process
-hf_to_course, checkpoints   real Hugging Face checkpoints in the course's decoder
+quant             FP8 (block-scaled) and MXFP4 weights: quantise, dequantise, error bounds
+hf_to_course, checkpoints   real Hugging Face checkpoints in the course's decoder (FP8 ones too)
 course            the notebooks' setup cell
 """

@@ -7,12 +7,22 @@ A published model directory holds config.json (the architecture) and the weights
   2. names, for every tensor of the checkpoint, the slice of our model it fills (hf_tensor_map):
      the published files keep one matrix per expert (mlp.experts.{e}.gate_proj.weight), while
      our Experts stack them into one (E, H, D) tensor per weight,
-  3. loads (load_hf_checkpoint) and writes (save_hf_checkpoint) such directories.
+  3. loads (load_hf_checkpoint) and writes (save_hf_checkpoint) such directories, unquantised or
+     in block-scaled FP8 (DeepSeek-V3's and Qwen3-*-FP8's layout, utils/quant.py).
 
 Loading builds the model on PyTorch's "meta" device (shapes, no storage), allocates it once,
 then copies the checkpoint in one tensor at a time: the memory peak is the model plus one tensor,
 never two copies of the weights. safetensors reads tensors straight from the file (no pickle,
 so no code runs on load), which is why real checkpoints ship in it.
+
+FP8 checkpoints are dequantised when they are loaded, into the requested dtype; the model then
+holds float weights (2 bytes each in bfloat16) and computes like any other. Why not keep the experts
+in FP8 and dequantise each one when a token needs it? That saves memory (1 byte per weight) but
+costs a dequantisation per expert and step, and the course's experts, like CPUs, multiply float
+matrices: FP8 matmuls need GPU kernels (which also quantise the activations). Loading dequantised,
+every tool of the course (generate, the routing analysis, save_hf_checkpoint) runs on the model
+unchanged. Notebook 12 builds the other way, experts kept quantised in slow memory and dequantised
+into a cache of fast memory, where it pays: when the model does not fit.
 
 Supported families: utils.hf_to_course.SUPPORTED_MODEL_TYPES. Each is checked against
 transformers' own implementation in tests/test_checkpoints.py.
@@ -25,10 +35,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .dtypes import LOADABLE_DTYPES
-from .hf_to_course import config_from_hf, refuse_quantized
+from .hf_to_course import FP8_QUANTIZATION, config_from_hf
+from .hf_to_course import fp8_block_size as fp8_block_size_of
 from .modern import ModernMoEModel
 from .experts import Experts
 from .moe import MoEFeedForward
+from .quant import FP8_DTYPE, dequantize_fp8_blockwise, quantize_fp8_blockwise, quantized_bytes
 
 DTYPES = {name: getattr(torch, name) for name in LOADABLE_DTYPES}   # name -> torch dtype
 
@@ -40,7 +52,8 @@ def _dtype_name(dtype):
 
 def model_from_hf_config(hf, dtype=torch.float32, device="cpu"):
     """A randomly initialised ModernMoEModel for a config.json dict, which it keeps as
-    `model.hf_config` (save_hf_checkpoint writes it back). device="meta" gives shapes only."""
+    `model.hf_config` (save_hf_checkpoint writes it back). device="meta" gives shapes only.
+    A config of an FP8 checkpoint builds the same model, in float (load_hf_checkpoint dequantises)."""
     cfg = config_from_hf(hf)
     with torch.device(device):                 # built there directly: "meta" allocates nothing
         model = ModernMoEModel(cfg)
@@ -115,6 +128,18 @@ def _expected_shape(parts, dim):
     return tuple(shape)
 
 
+# The linear layers an FP8 checkpoint stores in FP8 (DeepSeek-V3, Qwen3-*-FP8): attention
+# projections and the experts' (also shared experts' and dense MLPs') matrices. Embeddings, norms,
+# routers, shared-expert gates and the output head stay in their float dtype.
+_FP8_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3",
+                "input_linear", "output_linear")
+
+
+def is_fp8_linear(name):
+    """Whether save_hf_checkpoint stores the checkpoint tensor `name` in FP8 (with a <name>_scale_inv)."""
+    return name.endswith(".weight") and name.rsplit(".", 2)[-2] in _FP8_LINEARS
+
+
 def _checkpoint_files(path):
     """The safetensors files of a model directory: those the index names, or all there are."""
     index = path / "model.safetensors.index.json"
@@ -166,23 +191,36 @@ def load_hf_checkpoint(path, dtype=None, device="cpu"):
     path: a directory with config.json and *.safetensors (sharded with an index, or not).
     dtype: torch.float32 / bfloat16 / float16 (or their names); None keeps the checkpoint's.
     The routers stay in float32 whatever the dtype (see utils.router.TopKRouter).
+    Block-scaled FP8 checkpoints (quantization_config quant_method "fp8", see
+    utils.hf_to_course.fp8_block_size) are read too: every float8_e4m3fn weight is dequantised with
+    its <name>_scale_inv (utils.quant.dequantize_fp8_blockwise, in float32, rounded once to dtype)
+    as it is copied in; tensors stored in float are read as they are.
     Raises FileNotFoundError for a missing directory or file, NotADirectoryError for a path to a
-    file, and ValueError for an unsupported model_type, a quantised checkpoint (refused before any
-    tensor is read), a tensor of the wrong shape, or tensors missing from or unknown to the model.
+    file, and ValueError for an unsupported model_type, a quantisation other than block-scaled FP8
+    (refused before any tensor is read), a tensor of the wrong shape, an FP8 tensor without its scale
+    (or a scale without its FP8 tensor), or tensors missing from or unknown to the model.
     """
     path = pathlib.Path(path)
     hf = read_hf_config(path)
-    refuse_quantized(hf)                       # before any tensor is read (config_from_hf checks it too)
+    block = fp8_block_size_of(hf)              # before any tensor is read (config_from_hf checks it too)
     files = _checkpoint_files(path)
     model = model_from_hf_config(hf, dtype=_dtype(dtype, hf), device="meta")
     model.to_empty(device=device)              # storage for every weight, once, uninitialised
     model.tie_weights()
     model.reset_buffers()
     expected = hf_tensor_map(model)
+    file_of = {}                               # every tensor's file (a scale may sit in another shard)
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            file_of.update(dict.fromkeys(f.keys(), file))
     seen = set()
     for file in files:
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
+                if name.endswith("_scale_inv"):
+                    if name.removesuffix("_scale_inv") not in file_of:
+                        raise ValueError(f"{file.name}: {name!r} scales a tensor the checkpoint does not have")
+                    continue                               # read with its FP8 weight
                 if name not in expected:
                     if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and model.cfg["tie_embeddings"]):
                         continue                           # recomputed, or the tied embedding again
@@ -193,6 +231,8 @@ def load_hf_checkpoint(path, dtype=None, device="cpu"):
                 if tuple(tensor.shape) != _expected_shape(parts, dim):
                     raise ValueError(f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                                      f"the config asks for {_expected_shape(parts, dim)}")
+                if tensor.dtype == FP8_DTYPE or name + "_scale_inv" in file_of:
+                    tensor = _dequantized(tensor, name, file_of, block)
                 for part, piece in zip(parts, tensor.split([t.shape[dim] for t in parts], dim)):
                     part.copy_(piece)
                 seen.add(name)
@@ -203,8 +243,26 @@ def load_hf_checkpoint(path, dtype=None, device="cpu"):
     return model.eval()
 
 
+def _dequantized(tensor, name, file_of, block):
+    """The float32 weights of the FP8 checkpoint tensor `name`, read with its <name>_scale_inv."""
+    scale_name = name + "_scale_inv"
+    if block is None:
+        raise ValueError(f"tensor {name!r} is stored in {tensor.dtype} but config.json declares no FP8 "
+                         "quantization_config (with its weight_block_size)")
+    if tensor.dtype != FP8_DTYPE:
+        raise ValueError(f"tensor {name!r} has a {scale_name!r} but is stored in {tensor.dtype}, not {FP8_DTYPE}")
+    if scale_name not in file_of:
+        raise ValueError(f"FP8 tensor {name!r} has no {scale_name!r} in the checkpoint")
+    with safe_open(file_of[scale_name], framework="pt") as f:
+        scale_inv = f.get_tensor(scale_name)
+    try:
+        return dequantize_fp8_blockwise(tensor, scale_inv, block)
+    except ValueError as err:
+        raise ValueError(f"{scale_name!r}: {err}") from None
+
+
 @torch.no_grad()
-def save_hf_checkpoint(model, path, max_shard_bytes=2 * 2**30):
+def save_hf_checkpoint(model, path, max_shard_bytes=2 * 2**30, fp8_block_size=None):
     """Write the model as a Hugging Face directory that load_hf_checkpoint and transformers read.
 
     The model must come from model_from_hf_config or load_hf_checkpoint (it needs the
@@ -212,6 +270,12 @@ def save_hf_checkpoint(model, path, max_shard_bytes=2 * 2**30):
     most max_shard_bytes (plus model.safetensors.index.json when there is more than one); only one
     shard's tensors are copied at a time. The directory must not hold a checkpoint already: old
     shards or an old index left next to the new files would be read instead of them.
+
+    fp8_block_size: None writes every tensor in the model's dtype (and no quantization_config);
+    (rows, cols), e.g. (128, 128), writes a block-scaled FP8 checkpoint as DeepSeek-V3 and
+    Qwen3-*-FP8 ship them: every attention and expert matrix (is_fp8_linear) in float8_e4m3fn beside
+    its float32 <name>_scale_inv (utils.quant.quantize_fp8_blockwise), the rest in the model's
+    dtype, and config.json's quantization_config saying so.
     """
     hf = getattr(model, "hf_config", None)
     if hf is None:
@@ -219,17 +283,26 @@ def save_hf_checkpoint(model, path, max_shard_bytes=2 * 2**30):
     path = pathlib.Path(path)
     if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists():
         raise ValueError(f"{path} already holds a checkpoint: save into a new or empty directory")
+    if fp8_block_size is not None:
+        if (not isinstance(fp8_block_size, (list, tuple)) or len(fp8_block_size) != 2
+                or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in fp8_block_size)):
+            raise ValueError(f"fp8_block_size must be None or two positive ints, e.g. (128, 128), got {fp8_block_size!r}")
+        fp8_block_size = tuple(fp8_block_size)
     path.mkdir(parents=True, exist_ok=True)
     dtype = next(model.out_head.parameters()).dtype
-    config = {**hf, "dtype": _dtype_name(dtype)}
-    config.pop("torch_dtype", None)
+    config = {key: value for key, value in hf.items() if key not in ("torch_dtype", "quantization_config")}
+    config["dtype"] = _dtype_name(dtype)
+    if fp8_block_size is not None:
+        config["quantization_config"] = {**FP8_QUANTIZATION, "weight_block_size": list(fp8_block_size)}
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     # Plan the shards from the tensors' sizes first, then copy and write one shard at a time.
     tensors = hf_tensor_map(model)
+    quantized = {name for name in tensors if fp8_block_size is not None and is_fp8_linear(name)}
     shards, size = [[]], 0
-    for name, (parts, _) in tensors.items():
-        nbytes = sum(t.nbytes for t in parts)
+    for name, (parts, dim) in tensors.items():
+        nbytes = quantized_bytes(_expected_shape(parts, dim), "fp8", fp8_block_size) if name in quantized \
+            else sum(t.nbytes for t in parts)
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -239,11 +312,17 @@ def save_hf_checkpoint(model, path, max_shard_bytes=2 * 2**30):
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map, total = {}, 0
     for file, names in zip(files, shards):
-        # cat or clone: each tensor gets its own storage (safetensors refuses views of one tensor)
-        shard = {name: torch.cat(tensors[name][0], tensors[name][1]) if len(tensors[name][0]) > 1
-                 else tensors[name][0][0].clone() for name in names}
+        shard = {}
+        for name in names:
+            # cat or clone: each tensor gets its own storage (safetensors refuses views of one tensor)
+            parts, dim = tensors[name]
+            tensor = torch.cat(parts, dim) if len(parts) > 1 else parts[0].clone()
+            if name in quantized:
+                shard[name], shard[name + "_scale_inv"] = quantize_fp8_blockwise(tensor, fp8_block_size)
+            else:
+                shard[name] = tensor
         save_file(shard, path / file, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(names, file))
+        weight_map.update(dict.fromkeys(shard, file))
         total += sum(t.nbytes for t in shard.values())
         del shard
     if len(shards) > 1:

@@ -4,7 +4,8 @@
   cheat-sheet), for CHEAT_SHEET_FAMILIES;
 - config_from_hf: the whole config of utils.modern.ModernMoEModel, for the families the loader of
   utils/checkpoints.py supports (SUPPORTED_MODEL_TYPES); it refuses what the decoder does not
-  implement (quantised weights, sliding windows, scaled RoPE, activations other than SiLU).
+  implement (quantised weights other than block-scaled FP8, sliding windows, scaled RoPE,
+  activations other than SiLU).
 
 Both read the families' rules from utils/hf_config.py, the ones utils/hf_params.py counts with.
 """
@@ -62,20 +63,55 @@ def course_moe_keys(config):
 # ----------------------------------------------------------------------------------------------
 # The whole model, for the loader.
 
+# The quantised format the loader reads: block-scaled FP8 as DeepSeek-V3 and Qwen3-*-FP8 ship it.
+FP8_QUANTIZATION = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic"}
+
+
+def fp8_block_size(hf):
+    """The (rows, cols) weight_block_size of a block-scaled FP8 checkpoint, or None for an
+    unquantised one (no quantization_config). Any other quantisation raises a ValueError, before
+    any tensor is read (see refuse_quantized).
+
+    An FP8 checkpoint (DeepSeek-V3, Kimi K2, Qwen3-30B-A3B-FP8) stores its linear layers' weights in
+    float8_e4m3fn, each beside a float32 `<name>_scale_inv` with one scale per block (utils/quant.py).
+    Read: quant_method "fp8", fmt "e4m3" (the default), weight_block_size [rows, cols] and
+    activation_scheme "dynamic" (FP8 kernels quantise the activations on the fly; nothing about
+    them is stored). A "static" scheme would ship activation scales, and per-tensor FP8 (no
+    weight_block_size) or power-of-two scales (scale_fmt "ue8m0") other layouts: all are refused.
+    """
+    quant = quantization_config(hf)
+    if quant is None:
+        return None
+    method = quant_method(hf)
+    if method != "fp8":
+        raise ValueError(
+            f"config.json has a quantization_config (quant_method {method!r}): this quantisation is not supported. "
+            f"The loader reads unquantised weights ({', '.join(LOADABLE_DTYPES)}) and block-scaled FP8 "
+            "(quant_method 'fp8'): load the model's unquantised (e.g. bfloat16) or FP8 release instead")
+    for key, allowed in FP8_QUANTIZATION.items():
+        if quant.get(key, allowed) != allowed:
+            raise ValueError(f"quantization_config {key} must be {allowed!r} (block-scaled FP8 as DeepSeek-V3 ships "
+                             f"it), got {quant[key]!r}")
+    if quant.get("scale_fmt", "float") != "float":
+        raise ValueError(f"quantization_config scale_fmt must be 'float' (float32 block scales), got {quant['scale_fmt']!r}")
+    block = quant.get("weight_block_size")
+    if (not isinstance(block, (list, tuple)) or len(block) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise ValueError(f"quantization_config weight_block_size must be two positive ints, e.g. [128, 128], "
+                         f"got {block!r}")
+    return tuple(block)
+
+
 def refuse_quantized(hf):
-    """Raise a ValueError if a config.json dict declares quantised weights (a quantization_config).
+    """Raise a ValueError if a config.json dict declares a quantisation the loader cannot read.
 
     A quantised checkpoint (FP8 with block scales as in DeepSeek-V3 or Qwen3-FP8, MXFP4, GPTQ,
     AWQ, bitsandbytes, ...) stores low-precision tensors next to the scales that give them their
     values (e.g. weight_scale_inv), and often packs several values into one element. Copying such
-    a tensor into a float parameter without its scale gives wrong weights, so it is refused
+    a tensor into a float parameter without its scale gives wrong weights. The loader reads
+    block-scaled FP8 (fp8_block_size) and dequantises it; every other quantisation is refused
     before any tensor is read."""
-    if quantization_config(hf) is None:
-        return
-    raise ValueError(
-        f"config.json has a quantization_config (quant_method {quant_method(hf)!r}): quantised checkpoints are not "
-        f"supported yet. This loader reads unquantised weights only ({', '.join(LOADABLE_DTYPES)}): load the "
-        "model's unquantised (e.g. bfloat16) release instead, or dequantise the checkpoint first")
+    fp8_block_size(hf)
 
 
 def _rope(cfg):
@@ -106,8 +142,8 @@ def _refuse_sliding_window(cfg):
 def config_from_hf(hf):
     """A Hugging Face config.json dict -> the config dict of utils.modern.ModernMoEModel.
 
-    Raises a ValueError for an unsupported model_type (listing the supported ones), a quantised
-    checkpoint (a quantization_config), a missing field, or a feature this decoder does not
+    Raises a ValueError for an unsupported model_type (listing the supported ones), a quantisation
+    other than block-scaled FP8 (refuse_quantized), a missing field, or a feature this decoder does not
     implement (sliding-window attention, scaled RoPE, an activation other than SiLU), instead of
     building a model that would compute something else.
     """
