@@ -10,6 +10,8 @@ from utils.moe_gpt import MoEGPTModel, upcycle
 from utils.router import TopKRouter, load_balancing_loss, router_z_loss
 from utils.train import total_aux_loss
 
+# The grouped dispatch needs torch.nn.functional.grouped_mm (recent torch); older ones refuse it.
+GROUPED = ("grouped",) if hasattr(torch.nn.functional, "grouped_mm") else ()
 MOE = {"emb_dim": 16, "num_experts": 6, "num_experts_per_tok": 2, "moe_hidden_dim": 24}
 
 
@@ -272,7 +274,7 @@ def test_unnormalised_gates_are_the_top_k_probabilities():
 def test_loop_sorted_and_grouped_dispatch_agree_in_outputs_and_gradients(expert_type):
     x = torch.randn(4, 7, 16).abs()
     outs, grads = [], []
-    for dispatch in ("loop", "sorted", "grouped"):
+    for dispatch in ("loop", "sorted", *GROUPED):
         moe = make(expert_type=expert_type, moe_dispatch=dispatch)
         # Make expert 5 unreachable: with positive inputs, experts 0-4 get positive logits and
         # expert 5 gets 0, so it never makes the top 2.
@@ -295,7 +297,7 @@ def test_dispatch_functions_handle_no_assignments():
     experts = Experts(3, 8, 12)
     x = torch.randn(4, 8)
     empty = torch.zeros(0, dtype=torch.long)
-    for dispatch in (dispatch_loop, dispatch_sorted, dispatch_grouped):
+    for dispatch in (dispatch_loop, dispatch_sorted, *(dispatch_grouped for _ in GROUPED)):
         assert torch.equal(dispatch(x, empty, empty, torch.zeros(0), experts), torch.zeros(4, 8))
 
 
@@ -696,3 +698,11 @@ def test_grouped_matmuls_are_chosen_only_for_bfloat16_on_recent_gpus():
         recent = torch.cuda.get_device_capability() >= (9, 0)
         assert prefers_grouped_mm(torch.zeros(2, 4, dtype=torch.bfloat16, device="cuda")) == recent
         assert not prefers_grouped_mm(torch.zeros(2, 4, device="cuda"))
+
+
+def test_the_grouped_dispatch_is_refused_clearly_where_torch_lacks_grouped_mm(monkeypatch):
+    monkeypatch.delattr(torch.nn.functional, "grouped_mm", raising=False)
+    with pytest.raises(ValueError, match="moe_dispatch'\\] 'grouped' needs torch.nn.functional.grouped_mm"):
+        make(moe_dispatch="grouped")
+    with pytest.raises(ValueError, match="needs torch.nn.functional.grouped_mm"):
+        dispatch_grouped(torch.zeros(2, 16), *(torch.zeros(0, dtype=torch.long),) * 2, torch.zeros(0), Experts(2, 16, 8))
