@@ -72,12 +72,68 @@ def expert_parallel_steps(rank, world_size, decoding, checkpoint):
                                  for size in EXPERT_SIZES[world_size]}
     results["errors"] = build_errors(rank, world_size)
     results["reshard"] = reshard_checkpoint(rank, world_size, CFG, checkpoint, checkpoint_batch(), EXPERT_SIZES[world_size])
+    results["saved from groups"] = save_from_groups(rank, world_size, checkpoint)
+    results["gradient hook"] = hook_gradients(rank, world_size)
+    results["groups made once"] = all(expert_data_parallel_groups(size) is groups[size] for size in EXPERT_SIZES[world_size])
     results["decoding"] = decode_in_lockstep(rank, world_size, decoding)
     return results
 
 
 CHECKS = [*CONFIGS, "uneven", "dedup", "dedup uneven", "groups", "collapsed", "training", "group training", "errors",
-          "reshard", "decoding"]
+          "reshard", "saved from groups", "gradient hook", "groups made once", "decoding"]
+
+
+def save_from_groups(rank, world_size, path):
+    """save_expert_parallel from the seed-0 GPT split over expert-parallel groups of every size (at
+    W = 4: 4 x 1, 2 x 2, 1 x 4), and from the plain GPT, every rank calling it. Before saving, each
+    rank adds 1 to every tensor it must not write: every rank but 0 to the replicated tensors (all
+    of them, in the plain model), and the ranks outside rank 0's expert-parallel group (the
+    data-parallel copies) to their experts. Any byte they wrote would then show in the file.
+    Returns {expert_size, or "plain": the file's path}."""
+    from utils.parallel import expert_data_parallel_groups, expert_parallel
+
+    paths = {}
+    for size in [*EXPERT_SIZES[world_size], "plain"]:
+        torch.manual_seed(0)
+        model = MoEGPTModel(CFG)
+        writers = 1                                              # ranks 0 .. writers - 1 write the experts
+        if size != "plain":
+            model, writers = expert_parallel(model, expert_data_parallel_groups(size).expert), size
+        with torch.no_grad():
+            for name, t in model.state_dict().items():
+                if rank >= (writers if ".local_experts." in name else 1):
+                    t.add_(1.0)
+        paths[size] = f"{path}.saved_from_{size}"
+        save_expert_parallel(model, paths[size])
+    return paths
+
+
+GRAD_CLIP = 0.05
+
+
+def hook_gradients(rank, world_size):
+    """For every expert-parallel size: the seed-3 GPT over groups of that size, one forward and backward
+    of this rank's share of a batch (its mean loss plus the full aux loss, as utils.train.train
+    does), then the hook expert_parallel_gradients(groups), without clipping and with GRAD_CLIP.
+    Returns {(size, clip): {single-process name: this rank's gradient}}, an expert weight's
+    gradient being that of this rank's experts only (rows first_expert ..)."""
+    from utils.parallel import expert_data_parallel_groups, expert_parallel, expert_parallel_gradients
+    from utils.train import lm_loss, total_aux_loss
+
+    x, y = training_batches()[0]
+    share = x.shape[0] // world_size
+    x, y = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
+    out = {}
+    for size in EXPERT_SIZES[world_size]:
+        groups = expert_data_parallel_groups(size)
+        for clip in (None, GRAD_CLIP):
+            torch.manual_seed(3)
+            model = expert_parallel(MoEGPTModel(CFG), groups.expert)
+            (lm_loss(model(x), y) + total_aux_loss(model)).backward()
+            expert_parallel_gradients(groups)(model, clip)
+            out[size, clip] = {name.replace(".moe.", ".").replace(".local_experts.", ".experts."): p.grad.clone()
+                               for name, p in model.named_parameters()}
+    return out
 
 
 def checkpoint_batch():
@@ -543,6 +599,94 @@ def test_checkpoint_errors_and_a_plain_model(tmp_path):
         load_expert_parallel(MoEGPTModel({**CFG, "n_layers": 1}), tmp_path / "plain.safetensors")
     with pytest.raises(ValueError, match=r"trf_blocks.0.ff.experts.w_in: the checkpoint's shape \(8, 12, 16\) must be the model's, \(8, 6, 16\)"):
         load_expert_parallel(MoEGPTModel({**CFG, "moe_hidden_dim": 6}), tmp_path / "plain.safetensors")
+    half = MoEGPTModel(CFG)
+    half.trf_blocks[1].to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"trf_blocks.1.att.W_query.weight: the checkpoint's dtype F32 must be the model's, BF16"):
+        load_expert_parallel(half, tmp_path / "plain.safetensors")
+
+
+def test_checkpoint_layout_is_the_safetensors_librarys(tmp_path):
+    """Tensors of several element sizes lie where safetensors' own writer puts them (larger elements
+    first, then by name), each at a multiple of its element size; a name-ordered layout would
+    put the int64 tensor at byte 6 and the float32 ones at bytes 22 and 26."""
+    import json
+    import struct
+
+    from safetensors.torch import load_file, save_file
+
+    def layout(path):
+        raw = open(path, "rb").read()
+        header = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])
+        return {name: (h["dtype"], h["data_offsets"]) for name, h in header.items() if name != "__metadata__"}
+
+    model = torch.nn.Module()
+    model.register_buffer("a_half", torch.arange(3, dtype=torch.bfloat16))
+    model.register_buffer("b_long", torch.arange(2))
+    model.lin = torch.nn.Linear(3, 1)
+    save_expert_parallel(model, tmp_path / "ours.safetensors")
+    save_file(model.state_dict(), tmp_path / "theirs.safetensors")
+    ours = layout(tmp_path / "ours.safetensors")
+    assert ours == layout(tmp_path / "theirs.safetensors")
+    sizes = {name: t.element_size() for name, t in model.state_dict().items()}
+    assert all(start % sizes[name] == 0 for name, (_, (start, _)) in ours.items())
+    assert [name for name, _ in sorted(ours.items(), key=lambda item: item[1][1])] == ["b_long", "lin.bias", "lin.weight", "a_half"]
+    stored = load_file(tmp_path / "ours.safetensors")
+    assert all(torch.equal(stored[name], t) and stored[name].dtype == t.dtype for name, t in model.state_dict().items())
+
+
+def test_checkpoint_saved_from_copies_and_from_a_plain_model(runs):
+    """save_expert_parallel in a world of W ranks, from the GPT split over groups of every size (at
+    W = 4: 4 x 1, 2 x 2 and 1 x 4, whose data-parallel copies must write nothing) and from a plain
+    GPT (only rank 0 writes): each file is the single-process state_dict. The ranks that must stay
+    silent held other values, so a byte written by one of them would show."""
+    from safetensors.torch import load_file
+
+    world_size, results, _ = runs
+    paths = results["saved from groups"][0]
+    assert all(r == paths for r in results["saved from groups"])
+    torch.manual_seed(0)
+    reference = MoEGPTModel(CFG).state_dict()
+    for size in [*EXPERT_SIZES[world_size], "plain"]:
+        stored = load_file(paths[size])
+        assert stored.keys() == reference.keys(), size
+        for name, t in reference.items():
+            assert torch.equal(stored[name], t), (size, name)
+
+
+def test_the_gradient_hook_gives_one_process_gradients(runs):
+    """expert_parallel_gradients turns each rank's gradients into those of one process on the whole
+    batch, for every layout (at W = 4: 4 x 1, 2 x 2, 1 x 4): every replicated gradient on every rank,
+    and each rank's rows of every expert gradient, equal one process's .grad; clipped by the
+    global norm, they equal torch.nn.utils.clip_grad_norm_'s. A wrong scale (dividing by the
+    data-parallel size instead of the number of processes, summing instead of averaging) fails."""
+    from utils.train import lm_loss, total_aux_loss
+
+    world_size, results, _ = runs
+    x, y = training_batches()[0]
+    expected = {}
+    for clip in (None, GRAD_CLIP):
+        torch.manual_seed(3)
+        model = MoEGPTModel(CFG)
+        (lm_loss(model(x), y) + total_aux_loss(model)).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        expected[clip] = {name: torch.zeros_like(p) if p.grad is None else p.grad for name, p in model.named_parameters()}
+    assert torch.cat([g.flatten() for g in expected[None].values()]).norm() > 2 * GRAD_CLIP      # clipping acts
+    per_rank = CFG["num_experts"]
+    for size in EXPERT_SIZES[world_size]:
+        for clip in (None, GRAD_CLIP):
+            for rank, r in enumerate(results["gradient hook"]):
+                got = r[size, clip]
+                assert got.keys() == expected[clip].keys()
+                first, count = rank % size * per_rank // size, per_rank // size
+                for name, g in expected[clip].items():
+                    want = g[first:first + count] if ".experts." in name else g
+                    assert torch.allclose(got[name], want, rtol=1e-4, atol=1e-7), (size, clip, rank, name)
+
+
+def test_groups_are_made_once(runs):
+    """A second expert_data_parallel_groups(s) returns the groups made by the first, on every rank."""
+    assert all(runs[1]["groups made once"])
 
 
 def test_expert_and_data_parallel_training_equals_one_process(runs):

@@ -140,7 +140,10 @@ class ExpertParallelMoE(nn.Module):
     With combine_at="destination" (the default) the gates go along, the receiving rank adds up
     the gate-weighted outputs of the token's experts there, and one vector per (token, rank)
     comes back; with combine_at="source" one output per assignment comes back, combined with
-    the gates at home.
+    the gates at home. Combining at the destination adds a token's experts on one rank into a
+    partial sum there, in the model's dtype, and the source adds the partial sums: in float32 the
+    result equals the single process to rounding (atol 1e-5), in bfloat16 it differs from it by
+    that extra rounding of each partial sum (the values on the wire stay in the model's dtype).
 
     After each forward pass the wrapped layer's `last_routing` describes this rank's tokens, and
     `last_exchange` what this rank passed to the all-to-alls of the forward pass, read from the
@@ -149,8 +152,9 @@ class ExpertParallelMoE(nn.Module):
     with dedup, "expert_ids" and, combined at the destination, "gates") and "results" (what this
     rank sent back); "sent_rows" and "received_rows", the token vectors sent to and received from
     each rank; "returned_rows", the result rows sent back to each rank; "bytes_sent", the bytes of
-    all those tensors that left this rank (rows for other ranks; the backward pass sends as much
-    again, gradients in the other direction); "width" and "value_bytes", the values per token
+    all those tensors that left this rank (rows for other ranks; the backward pass sends the
+    float ones, "vectors", "gates" and "results", again as gradients in the other direction, and
+    the integer "counts" and "expert_ids" not); "width" and "value_bytes", the values per token
     vector and bytes per value.
 
     Ranks may hold different numbers of tokens (a different B or T), none at all (B = 0 or T = 0:
@@ -321,17 +325,23 @@ def expert_parallel(model, group=None, **kwargs):
 ParallelGroups = namedtuple("ParallelGroups", ["expert", "data", "expert_size", "data_size"])
 
 
+_GROUPS = {}        # expert_size -> (the default group they were made in, ParallelGroups)
+
+
 def expert_data_parallel_groups(expert_size):
     """The (expert-parallel, data-parallel) groups of this rank, for a world of P processes laid out
-    as a grid of P / expert_size rows of expert_size ranks: rank p sits in row p // expert_size,
+    as a grid of P / expert_size rows of expert_size ranks, written "s x P/s" (expert-parallel size
+    x data-parallel copies: 2 x 2 for P = 4 and s = 2): rank p sits in row p // expert_size,
     column p % expert_size. The ranks of a row form an expert-parallel group (they split every
     layer's experts and exchange tokens with each other); the ranks of a column form a
     data-parallel group (they hold the same experts). Consecutive ranks form the expert groups, as
     in Megatron-Core, so that on a real cluster the all-to-alls stay within a node when
-    expert_size <= the GPUs per node. expert_size = P is plain expert parallelism; expert_size = 1
-    plain data parallelism (every rank holds every expert).
+    expert_size <= the GPUs per node. expert_size = P (P x 1) is plain expert parallelism;
+    expert_size = 1 (1 x P) plain data parallelism (every rank holds every expert).
 
-    Every rank must call it (torch.distributed.new_group is collective), in the same order.
+    Every rank must call it (torch.distributed.new_group is collective), in the same order. The
+    groups are made once per expert_size and default process group: later calls return the same
+    ones (each group holds communication resources until the process group is destroyed).
     Returns ParallelGroups(expert, data, expert_size, data_size).
     """
     _require_group()
@@ -339,6 +349,9 @@ def expert_data_parallel_groups(expert_size):
     if not is_count(expert_size) or expert_size < 1 or world_size % expert_size:
         raise ValueError(f"expert_size must be a positive integer dividing the world size ({world_size}), "
                          f"got {expert_size!r}")
+    made_in, groups = _GROUPS.get(expert_size, (None, None))
+    if made_in is dist.group.WORLD:                           # made in this process group: reuse them
+        return groups
     data_size = world_size // expert_size
     mine = {}
     rows = [list(range(i * expert_size, (i + 1) * expert_size)) for i in range(data_size)]
@@ -348,7 +361,8 @@ def expert_data_parallel_groups(expert_size):
             group = dist.new_group(ranks)
             if rank in ranks:
                 mine[kind] = group
-    return ParallelGroups(mine["expert"], mine["data"], expert_size, data_size)
+    _GROUPS[expert_size] = (dist.group.WORLD, ParallelGroups(mine["expert"], mine["data"], expert_size, data_size))
+    return _GROUPS[expert_size][1]
 
 
 def lockstep_stop(group=None):
@@ -415,9 +429,11 @@ def expert_parallel_gradients(groups=None):
     aux loss (utils.train.train does). The one-process loss on the whole batch (equal shares) is
     the mean of the P rank losses plus the aux loss once, so:
     - a replicated weight's gradient is averaged over all P processes. Its language-model part is
-      this rank's share; its aux-loss part comes out P times too large on every rank, since the
-      backward of the all-reduce in the balancing loss (sum_over_ranks) hands each rank the sum of
-      all P ranks' gradients of the global loss; averaging divides both by P, which is right. (If
+      the gradient of this rank's mean loss, whose average over the ranks is one process's. Its
+      aux-loss part: all P ranks back-propagate the same aux loss, and the backward of the
+      all-reduce inside it (sum_over_ranks) adds up their P equal gradients, so each rank gets P
+      times the aux loss's gradient through its own share of the routing statistics. Summed over
+      the ranks that is P times one process's aux gradient; averaged, exactly one process's. (If
       each rank back-propagated aux_loss / P instead, the sum over ranks would be right.)
     - a local expert's gradient already sums the contributions of every token of its expert-parallel
       group (the reverse all-to-all brought them back), each from a rank-local mean; the copies of
@@ -502,10 +518,13 @@ def save_expert_parallel(model, path):
     Every rank must call it (two barriers). No rank gathers the experts: rank 0 writes the header
     (computed from the shapes alone, so every rank knows where each tensor goes) and the replicated
     weights; then every rank of the expert-parallel group of rank 0 writes its own experts' bytes
-    at their place in the file. The file must therefore be on a file system every rank sees (one
-    machine, or a shared one).
+    at their place in the file (the data-parallel copies of those experts write nothing). The file
+    must therefore be on a file system every rank sees (one machine, or a shared one). The tensors
+    lie in the file by element size, largest first, then by name (the safetensors library, too,
+    puts larger elements first; among equal sizes it orders by dtype), so every tensor starts at
+    a multiple of its element size, as readers that map the file into memory expect.
     """
-    entries = sorted(_checkpoint_entries(model), key=lambda entry: entry[0])
+    entries = sorted(_checkpoint_entries(model), key=lambda entry: (-entry[1].element_size(), entry[0]))
     header, offset = {}, 0
     for name, tensor, _, full_shape in entries:
         if tensor.dtype not in _SAFETENSORS_DTYPES:
@@ -551,8 +570,14 @@ def load_expert_parallel(model, path):
     its own experts, rows first .. first + E/W - 1 of each stacked tensor (safetensors' get_slice
     reads just those bytes), and the replicated weights. No collective: every rank reads alone.
 
+    Only the loading is bounded this way: the model itself must already exist on every rank. The
+    course builds it whole on every rank (from a seed) and ExpertParallelMoE then keeps only the
+    local experts, so building peaks at the whole model's size; a job whose model does not fit one
+    device would build it on PyTorch's meta device and allocate only its own experts.
+
     Returns {"expert_values": ..., "other_values": ...}, the numbers of values this rank read.
-    Raises a ValueError naming the tensors the checkpoint lacks or has in excess, or a shape that differs.
+    Raises a ValueError naming the tensors the checkpoint lacks or has in excess, or a tensor whose
+    shape or dtype differs from the model's.
     """
     from safetensors import safe_open
 
@@ -568,6 +593,9 @@ def load_expert_parallel(model, path):
             if tuple(part.get_shape()) != tuple(full_shape):
                 raise ValueError(f"{name}: the checkpoint's shape {tuple(part.get_shape())} must be the model's, "
                                  f"{tuple(full_shape)}")
+            if part.get_dtype() != _SAFETENSORS_DTYPES.get(tensor.dtype):
+                raise ValueError(f"{name}: the checkpoint's dtype {part.get_dtype()} must be the model's, "
+                                 f"{_SAFETENSORS_DTYPES.get(tensor.dtype, tensor.dtype)}")
             if first is None:
                 values = part[:] if full_shape else f.get_tensor(name)
                 read["other_values"] += values.numel()

@@ -17,9 +17,10 @@ def train_expert_parallel(rank, world_size, cfg, batches, lr, seed, grad_clip=1.
     train it with utils.train.train (AdamW, warmup + cosine schedule, clipping, as one process
     would) for one step per batch, each rank on its share (a contiguous slice of sequences) of
     each batch of `batches`, a list of (inputs, targets) token id pairs (B, T). expert_size: the
-    size of the expert-parallel groups (expert_data_parallel_groups; None: all world_size ranks
-    split the experts, no copies); dedup: ExpertParallelMoE's. Returns each step's language-model
-    loss of the whole batch (the mean of the ranks' losses).
+    size of the expert-parallel groups (expert_data_parallel_groups: the layout expert_size x
+    world_size / expert_size; None: all world_size ranks split the experts, no copies); dedup:
+    ExpertParallelMoE's. Returns each step's language-model loss of the whole batch (the mean of
+    the ranks' losses).
     """
     if batches[0][0].shape[0] % world_size:
         raise ValueError(f"the batch size ({batches[0][0].shape[0]}) must be divisible by the world size ({world_size})")
@@ -34,6 +35,14 @@ def train_expert_parallel(rank, world_size, cfg, batches, lr, seed, grad_clip=1.
     losses = torch.tensor(history["batch_loss"], dtype=torch.float64, device=device)
     dist.all_reduce(losses)
     return (losses / world_size).tolist()
+
+
+def train_in_layouts(rank, world_size, cfg, batches, lr, seed, expert_sizes, grad_clip=1.0):
+    """For launch: train_expert_parallel once for each expert-parallel size in expert_sizes (the
+    layouts expert_size x world_size / expert_size), in one launch, with deduplicated dispatch where
+    the size is above 1. Returns {expert_size: each step's loss of the whole batch}."""
+    return {size: train_expert_parallel(rank, world_size, cfg, batches, lr, seed, grad_clip, size, size > 1)
+            for size in expert_sizes}
 
 
 @torch.no_grad()
@@ -51,14 +60,24 @@ def measure_exchange(rank, world_size, configs, tokens_per_rank, seed=0, dedup=F
     return report
 
 
+def measure_exchange_with_and_without_dedup(rank, world_size, configs, tokens_per_rank, seed=0):
+    """For launch: measure_exchange without and with deduplication, in one launch (the same layers and
+    tokens for both): {False: its report without dedup, True: with}."""
+    return {dedup: measure_exchange(rank, world_size, configs, tokens_per_rank, seed, dedup) for dedup in (False, True)}
+
+
 @torch.no_grad()
 def reshard_checkpoint(rank, world_size, cfg, path, batch, expert_sizes, seed=0):
     """For launch: build MoEGPTModel(cfg) from `seed`, expert-parallel over all world_size ranks, and
     save it to `path` (save_expert_parallel); then, for each expert_size, build a model from another
     seed, expert-parallel over groups of expert_size ranks, and load the checkpoint into it.
     Each rank runs its share of `batch` (B, T) token ids, B divisible by world_size. Returns
-    {"saved": the saved model's logits, expert_size: {"logits": ..., "read": load's report,
-    "local_experts": the values of this rank's experts}}."""
+    {"saved": the saved model's logits, expert_size: {"before": the logits of the model built from
+    the other seed, before loading, "logits": after loading, "read": load's report,
+    "local_experts": the values of this rank's experts}}.
+
+    Every rank builds each model whole (from its seed) before wrapping it, so building peaks at
+    the whole model; what is bounded is the loading, each rank reading only its experts."""
     share = batch.shape[0] // world_size
     mine = batch[rank * share:(rank + 1) * share].to(rank_device())
     torch.manual_seed(seed)
@@ -78,13 +97,16 @@ def reshard_checkpoint(rank, world_size, cfg, path, batch, expert_sizes, seed=0)
 
 
 @torch.no_grad()
-def decode_in_lockstep(rank, world_size, cfg, seed, prompts, max_new_tokens, eos_id, dedup=True):
+def decode_in_lockstep(rank, world_size, cfg, seed, prompts, max_new_tokens, eos_id, dedup=True, checkpoint=None):
     """For launch: build MoEGPTModel(cfg) from `seed`, expert-parallel over all ranks (with `dedup`),
-    and decode prompts[rank] (B_r, T_r) greedily with generate_expert_parallel (B_r may be 0).
+    load `checkpoint` into it if given (load_expert_parallel: a trained model), and decode
+    prompts[rank] (B_r, T_r) greedily with generate_expert_parallel (B_r may be 0).
     Returns {"tokens": (B_r, T_r + n), "forward_passes": how many times the first MoE layer ran,
     "batch_sizes": the set of batch sizes it saw}."""
     torch.manual_seed(seed)
     model = expert_parallel(MoEGPTModel(cfg).to(rank_device()), dedup=dedup)
+    if checkpoint is not None:
+        load_expert_parallel(model, checkpoint)
     seen = []
     model.trf_blocks[0].ff.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
     tokens = generate_expert_parallel(model, prompts[rank].to(rank_device()), max_new_tokens, eos_id=eos_id)
