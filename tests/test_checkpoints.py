@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from utils import checkpoints
-from utils.checkpoints import hf_tensor_map, load_hf_checkpoint, model_from_hf_config, save_hf_checkpoint
+from utils.checkpoints import (FP8_LOGIT_RTOL, hf_tensor_map, load_hf_checkpoint, model_from_hf_config,
+                               save_hf_checkpoint)
 from utils.generation import generate
 from utils.hf_to_course import SUPPORTED_MODEL_TYPES, config_from_hf, fp8_block_size
 from utils.modern import ModernMoEModel, RMSNorm, apply_rope, rope_cos_sin, rope_inverse_frequencies
@@ -421,7 +422,7 @@ def test_config_from_hf_refuses_a_quantization_other_than_fp8(quantization):
     ({"activation_scheme": "static"}, "activation_scheme must be 'dynamic'"),
     ({"fmt": "e5m2"}, "fmt must be 'e4m3'"),
     ({"scale_fmt": "ue8m0"}, "scale_fmt must be 'float'"),
-    ({"weight_block_size": None}, r"weight_block_size must be two positive ints, e.g. \[128, 128\], got None"),
+    ({"weight_block_size": None}, r"quantization_config weight_block_size must be two positive ints \(rows, cols\), e.g. \(128, 128\), got None"),
     ({"weight_block_size": [128]}, "weight_block_size must be two positive ints")])
 def test_fp8_layouts_the_loader_does_not_read_are_refused(change, message):
     with pytest.raises(ValueError, match=message):
@@ -470,8 +471,9 @@ def _dequantized_weights(path):
 def test_an_fp8_checkpoint_in_the_published_layout_loads(saved, tmp_path, family, monkeypatch):
     """A block-scaled FP8 checkpoint written by transformers' quantiser loads: each weight is its FP8
     numbers times their block's scale, within utils.quant's bound of the unquantised weight; the
-    logits stay close to the unquantised model's, and transformers, loading the same files (it
-    dequantises too, on a CPU), gives the same logits."""
+    logits move from the unquantised model's by less than the stated tolerance FP8_LOGIT_RTOL (a
+    measured one: no bound on the logits is derived), and further than bfloat16 weights move them;
+    transformers, loading the same files (it dequantises too, on a CPU), gives the same logits."""
     from transformers.quantizers import quantizer_finegrained_fp8
 
     from utils.quant import fp8_error_bound, quantize_fp8_blockwise
@@ -497,10 +499,9 @@ def test_an_fp8_checkpoint_in_the_published_layout_loads(saved, tmp_path, family
         exact, got = full(idx), ours(idx)
         rounded = copy_with_weights(full, lambda name, w: w.bfloat16().float() if name in dequantized else w)(idx)
     error, bf16_error = (got - exact).norm() / exact.norm(), (rounded - exact).norm() / exact.norm()
-    # e4m3 keeps 3 mantissa bits, bfloat16 7: FP8 weights move the logits further than bf16 ones. (Not
-    # 16 times further: these random models amplify small changes, and even bf16 moves them by 1-4%.)
-    assert error < 0.25 and error > 1.5 * bf16_error, (error, bf16_error)
-    assert (got.argmax(-1) == exact.argmax(-1)).float().mean() > 0.6
+    # e4m3 keeps 3 mantissa bits, bfloat16 7: FP8 weights move the logits further than bf16 ones (not
+    # always 16 times further: these random models amplify small changes, a rerouted token most).
+    assert bf16_error < error < FP8_LOGIT_RTOL, (error, bf16_error)
 
     # transformers asks for the accelerate package before it reads any FP8 checkpoint, although on a
     # CPU it only dequantises them, which needs no accelerate (a course dependency it is not).
@@ -600,7 +601,7 @@ def test_bad_fp8_checkpoints_give_clear_errors(saved, tmp_path):
         load_hf_checkpoint(broken("no_config", quantization=None))
     with pytest.raises(ValueError, match=r"has a '.*_scale_inv' but is stored in torch.float32"):
         load_hf_checkpoint(broken("float_weight", lambda t: t.update({name: t[name].float()})))
-    with pytest.raises(ValueError, match=r"fp8_block_size must be None or two positive ints, e.g. \(128, 128\), got 128"):
+    with pytest.raises(ValueError, match=r"fp8_block_size must be None or two positive ints \(rows, cols\), e.g. \(128, 128\), got 128"):
         save_hf_checkpoint(load_hf_checkpoint(path), tmp_path / "bad", fp8_block_size=128)
 
 

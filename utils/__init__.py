@@ -14,12 +14,12 @@ runs              one training run of notebooks 05-07 from its seed, statistics 
 experiments       the runs notebooks 05-07 train, and the seed sweeps behind their claims
 pretrained        05's MoE and dense twin trained 33x longer, shipped as safetensors (load_pretrained)
 routing_analysis, benchmark, plotting   which experts tokens choose; timing; figures
+quant             FP8 (block-scaled) and MXFP4 weights: quantise, dequantise, error bounds
 dtypes, counting, hf_config, hf_moe, hf_params, params, published, memory
                   parameters and bytes of our models and of real ones (from their config.json)
 serving           what a decode step reads: experts touched, weight bytes
 launch, parallel, parallel_runs   processes with torch.distributed; expert parallelism;
                   what notebook 10 runs on every process
-quant             FP8 (block-scaled) and MXFP4 weights: quantise, dequantise, error bounds
 hf_to_course, checkpoints   real Hugging Face checkpoints in the course's decoder (FP8 ones too)
 course            the notebooks' setup cell
 """

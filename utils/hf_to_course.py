@@ -16,6 +16,7 @@ from .hf_config import (attention_biases, attention_heads, attention_layer_types
                         quantization_config, sliding_window, text_config, ties_word_embeddings)
 from .hf_moe import (dense_mlp_width, mlp_kind, moe_latent_size, moe_layer_shape, qwen_moe_layout,
                      router_aux_loss_coef, shared_experts)
+from .quant import check_block
 
 CHEAT_SHEET_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "deepseek_v3", "gpt_oss",
                         "granitemoe", "nemotron_h")
@@ -94,12 +95,7 @@ def fp8_block_size(hf):
                              f"it), got {quant[key]!r}")
     if quant.get("scale_fmt", "float") != "float":
         raise ValueError(f"quantization_config scale_fmt must be 'float' (float32 block scales), got {quant['scale_fmt']!r}")
-    block = quant.get("weight_block_size")
-    if (not isinstance(block, (list, tuple)) or len(block) != 2
-            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
-        raise ValueError(f"quantization_config weight_block_size must be two positive ints, e.g. [128, 128], "
-                         f"got {block!r}")
-    return tuple(block)
+    return check_block(quant.get("weight_block_size"), name="quantization_config weight_block_size")
 
 
 def refuse_quantized(hf):

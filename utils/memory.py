@@ -14,16 +14,18 @@ from .gpt import kv_cache_shape
 from .hf_config import (MLA_FAMILIES, attention_chunk_size, attention_heads, attention_layer_types, deltanet_sizes,
                         field, is_hf_config, mamba_sizes, quant_method, sliding_window, text_config)
 from .params import count_parameters
+from .quant import E2M1_BITS, E8M0_BITS, FP8_BLOCK, MX_BLOCK
 
 # ----------------------------------------------------------------------------------------------
 # Weights.
 
 # Bytes of one value in each plain number format (utils/dtypes.py): every size below is built from it.
 _BITS = {dtype: 8 * n for dtype, n in BYTES_PER_VALUE.items()}
-# FP8 (e4m3) values with one float32 scale per 128 x 128 block of a linear layer's weight matrix.
-_FP8_LINEAR = _BITS["float8"] + _BITS["float32"] / (128 * 128)
-# MXFP4: 4-bit values sharing one 8-bit scale per 32.
-_MXFP4 = 4 + 8 / 32
+# FP8 (e4m3) values with one float32 scale per 128 x 128 block of a linear layer's weight matrix
+# (utils.quant.FP8_BLOCK; whole blocks: real models' widths are multiples of 128).
+_FP8_LINEAR = _BITS["float8"] + _BITS["float32"] / (FP8_BLOCK[0] * FP8_BLOCK[1])
+# MXFP4: 4-bit e2m1 values sharing one 8-bit e8m0 scale per 32 (utils.quant.MX_BLOCK).
+_MXFP4 = E2M1_BITS + E8M0_BITS / MX_BLOCK
 
 # Bits per stored weight, per parameter component of utils.params.count_parameters:
 # (bits of every component not listed, {component: bits}).

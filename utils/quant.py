@@ -21,8 +21,10 @@ Functions (W: (..., rows, cols), any leading dimensions, e.g. E stacked experts)
   dequantize_fp8_blockwise(w_fp8, scale_inv, block, dtype) -> w
   quantize_mxfp4(w)                        -> (blocks, scales)
   dequantize_mxfp4(blocks, scales, dtype)  -> w
-  fp8_error_bound(w, scale_inv, block), mxfp4_error_bound(w, scales): the largest error each
-  quantiser may make, per weight (tests/test_quant.py checks both, and that they are attained).
+  fp8_error_bound(w, scale_inv, block), mxfp4_error_bound(w, scales): an upper bound on each
+  quantiser's error, per weight (tests/test_quant.py checks both, and that they are nearly reached)
+  quantized_bytes(shape, fmt, block)      -> bytes stored
+  check_block(block, name)                 -> (rows, cols), or a ValueError
 
 tests/test_quant.py checks the dequantisers bit for bit against transformers' own code
 (integrations.finegrained_fp8 and integrations.mxfp4). Only torch is needed.
@@ -31,12 +33,19 @@ import torch
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0                                         # torch.finfo(torch.float8_e4m3fn).max
+FP8_BLOCK = (128, 128)                                  # DeepSeek-V3's weight_block_size (rows, cols)
+FP8_SCALE_BYTES = 4                                     # one float32 weight_scale_inv per block
 # The 16 e2m1 codes in order: bit 3 the sign, bits 0-2 the magnitude's index in E2M1_MAGNITUDES.
 E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 E2M1_VALUES = E2M1_MAGNITUDES + tuple(-m for m in E2M1_MAGNITUDES)
 MX_BLOCK = 32                                           # values sharing one scale in MXFP4
+E2M1_BITS, E8M0_BITS = 4, 8                             # bits of an MXFP4 value and of its block's scale
 E8M0_BIAS = 127                                         # an e8m0 byte s stands for 2^(s - 127); 255 is NaN
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+_FLOAT32_TINY = torch.finfo(torch.float32).tiny         # the smallest normal float32, 2^-126
 
 
 def _check_weight(w, name="w"):
@@ -47,13 +56,40 @@ def _check_weight(w, name="w"):
         raise ValueError(f"{name} must have at least 2 dimensions (..., rows, cols), got shape {tuple(w.shape)}")
     if not torch.isfinite(w).all():
         raise ValueError(f"{name} must hold finite values only (it has inf or NaN)")
+    if w.dtype == torch.float64 and w.numel() and w.abs().max() > _FLOAT32_MAX:
+        raise ValueError(f"{name} must hold values within float32's range (|w| <= {_FLOAT32_MAX:.4g}): the "
+                         f"quantisers compute in float32; got a largest |w| of {w.abs().max().item():.4g}")
 
 
-def _check_block(block):
+def check_block(block, name="block", allow_none=False):
+    """block as a (rows, cols) tuple of two positive ints (a list is accepted too); None passes when
+    allow_none. Else a ValueError naming `name`. The one check of a block size, used by
+    utils.hf_to_course (weight_block_size) and utils.checkpoints (fp8_block_size) as well."""
+    if block is None and allow_none:
+        return None
     if (not isinstance(block, (tuple, list)) or len(block) != 2
             or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
-        raise ValueError(f"block must be two positive ints (rows, cols), e.g. (128, 128), got {block!r}")
+        allowed = "None or two positive ints" if allow_none else "two positive ints"
+        raise ValueError(f"{name} must be {allowed} (rows, cols), e.g. (128, 128), got {block!r}")
     return tuple(block)
+
+
+def _scale_blockwise_(t, scales, block):
+    """Multiply t (..., M, N), in place, by per-block factors scales (..., ceil(M/bm), ceil(N/bn)):
+    each block of t by its factor, broadcast over a view of the block (no tensor of t's size is
+    made). The full blocks, the partial last row of blocks, the partial last column and the
+    corner are four views. Returns t."""
+    M, N = t.shape[-2:]
+    rows_full, cols_full = M // block[0], N // block[1]
+    row_parts = ((slice(0, rows_full * block[0]), slice(0, rows_full)), (slice(rows_full * block[0], M), slice(rows_full, None)))
+    col_parts = ((slice(0, cols_full * block[1]), slice(0, cols_full)), (slice(cols_full * block[1], N), slice(cols_full, None)))
+    for rows, scale_rows in row_parts:
+        for cols, scale_cols in col_parts:
+            part, factor = t[..., rows, cols], scales[..., scale_rows, scale_cols]
+            if part.numel():
+                tiles = part.unflatten(-1, (factor.shape[-1], -1)).unflatten(-3, (factor.shape[-2], -1))
+                tiles.mul_(factor[..., :, None, :, None])         # a view of part: t changes
+    return t
 
 
 def _grid(shape, block):
@@ -64,7 +100,7 @@ def _grid(shape, block):
 # ----------------------------------------------------------------------------------------------
 # Block-scaled FP8.
 
-def quantize_fp8_blockwise(w, block=(128, 128)):
+def quantize_fp8_blockwise(w, block=FP8_BLOCK):
     """Quantise w (..., M, N) to float8 e4m3 with one float32 scale per block of block[0] x block[1]
     weights: returns (w_fp8 (..., M, N) torch.float8_e4m3fn, scale_inv (..., ceil(M/bm), ceil(N/bn))
     float32), the layout of DeepSeek-V3 and Qwen3-FP8 checkpoints; the last block of a row or
@@ -72,33 +108,37 @@ def quantize_fp8_blockwise(w, block=(128, 128)):
 
     Each block's scale_inv is its largest |w| divided by 448, so the block's largest weight becomes
     +-448, the largest e4m3 number, and every other weight w / scale_inv is rounded to the nearest
-    e4m3 number (ties to even). A block of zeros gets scale_inv 1. w: float32, bfloat16 or float16,
-    finite.
+    e4m3 number (ties to even). A block of zeros gets scale_inv 1, and a block whose largest |w| is
+    below 448 x 2^-126 (where amax / 448 would leave float32's normal range, or underflow to 0 and
+    give NaN) gets the smallest normal float32, 2^-126: its weights then use less than e4m3's range.
+    w: float32, bfloat16, float16 or float64 (finite, within float32's range: the arithmetic is
+    float32); a ValueError otherwise.
     """
     _check_weight(w)
-    block = _check_block(block)
+    block = check_block(block)
     *lead, M, N = w.shape
     gm, gn = _grid(w.shape, block)
     padded = torch.zeros(*lead, gm * block[0], gn * block[1], dtype=torch.float32, device=w.device)
     padded[..., :M, :N] = w                                             # zeros change no block's max
     tiles = padded.view(*lead, gm, block[0], gn, block[1])
     amax = tiles.abs().amax(dim=(-3, -1))                               # (..., gm, gn)
-    scale_inv = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    scale_inv = torch.where(amax > 0, (amax / FP8_MAX).clamp_min(_FLOAT32_TINY), torch.ones_like(amax))
     scaled = tiles / scale_inv[..., :, None, :, None]
     w_fp8 = scaled.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)               # clamp: float32 rounding may pass 448
     return w_fp8.view(*lead, gm * block[0], gn * block[1])[..., :M, :N].contiguous(), scale_inv
 
 
-def dequantize_fp8_blockwise(w_fp8, scale_inv, block=(128, 128), dtype=torch.float32):
+def dequantize_fp8_blockwise(w_fp8, scale_inv, block=FP8_BLOCK, dtype=torch.float32):
     """The weights of a block-scaled FP8 tensor: w_fp8 (..., M, N) float8_e4m3fn times its block's
     scale_inv (..., ceil(M/bm), ceil(N/bn)), computed in float32 and rounded once to `dtype`.
 
     The block size cannot be read off the shapes when edge blocks are partial (a 200-row weight
     with 2 rows of scales may have blocks of 100 or of 128 rows), so it is an argument: the
     checkpoint's weight_block_size. Raises ValueError for wrong dtypes or a scale grid that does
-    not fit the block size.
+    not fit the block size. Memory: the float32 result, and a copy in `dtype` if that is another;
+    the scales are broadcast over views of the blocks, never expanded to the weight's size.
     """
-    block = _check_block(block)
+    block = check_block(block)
     if not isinstance(w_fp8, torch.Tensor) or w_fp8.dtype != FP8_DTYPE or w_fp8.dim() < 2:
         raise ValueError(f"w_fp8 must be a torch.float8_e4m3fn tensor of at least 2 dimensions, got "
                          f"{getattr(w_fp8, 'dtype', type(w_fp8).__name__)} of shape {tuple(getattr(w_fp8, 'shape', ()))}")
@@ -108,23 +148,29 @@ def dequantize_fp8_blockwise(w_fp8, scale_inv, block=(128, 128), dtype=torch.flo
     if tuple(scale_inv.shape) != expected:
         raise ValueError(f"scale_inv has shape {tuple(scale_inv.shape)}; a weight of shape {tuple(w_fp8.shape)} in "
                          f"blocks of {block} needs {expected}")
-    M, N = w_fp8.shape[-2:]
-    scale = scale_inv.float().repeat_interleave(block[0], -2).repeat_interleave(block[1], -1)[..., :M, :N]
-    return (w_fp8.float() * scale).to(dtype)
+    return _scale_blockwise_(w_fp8.float(), scale_inv.float(), block).to(dtype)
 
 
-def fp8_error_bound(w, scale_inv, block=(128, 128)):
-    """The most |dequantize(quantize(w)) - w| can be, per weight: (..., M, N) float32.
+def fp8_error_bound(w, scale_inv, block=FP8_BLOCK):
+    """An upper bound on |dequantize(quantize(w)) - w|, per weight: (..., M, N) float32, for w and
+    the scale_inv (..., ceil(M/bm), ceil(N/bn)) quantize_fp8_blockwise gave it.
 
     Rounding to e4m3 (3 mantissa bits) errs by at most half a step: 2^-4 of the value for normal
     numbers, and 2^-10 (half the subnormal step 2^-9) below the smallest normal 2^-6; in weight
-    units, max(|w| / 16, scale_inv / 1024). 2^-20 |w| is added for the float32 roundings of the
-    division and the product.
+    units, max(|w| / 16, scale_inv / 1024). So for weights below 2^-6 x scale_inv (= amax / 28672)
+    the relative error can exceed 1/16. 2^-20 |w| is added for the float32 roundings of the
+    division and the product. Raises ValueError for a w or scale_inv of the wrong kind or shape.
     """
-    M, N = w.shape[-2:]
-    scale = scale_inv.float().repeat_interleave(block[0], -2).repeat_interleave(block[1], -1)[..., :M, :N]
+    _check_weight(w)
+    block = check_block(block)
+    expected = (*w.shape[:-2], *_grid(w.shape, block))
+    if not isinstance(scale_inv, torch.Tensor) or not scale_inv.is_floating_point() or tuple(scale_inv.shape) != expected:
+        raise ValueError(f"scale_inv must be a float tensor of shape {expected} (w {tuple(w.shape)} in blocks of "
+                         f"{block}), got {getattr(scale_inv, 'dtype', type(scale_inv).__name__)} of shape "
+                         f"{tuple(getattr(scale_inv, 'shape', ()))}")
     a = w.float().abs()
-    return torch.maximum(a / 16, scale / 1024) + a * 2.0 ** -20
+    subnormal = _scale_blockwise_(torch.full_like(a, 2.0 ** -10), scale_inv.float(), block)   # scale_inv / 1024
+    return torch.maximum(a / 16, subnormal) + a * 2.0 ** -20
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,19 +245,30 @@ def dequantize_mxfp4(blocks, scales, dtype=torch.bfloat16):
 
 
 def mxfp4_error_bound(w, scales):
-    """The most |dequantize_mxfp4(quantize_mxfp4(w)) - w| can be, per weight: (..., N, K) float32.
+    """An upper bound on |dequantize_mxfp4(quantize_mxfp4(w)) - w|, per weight: (..., N, K) float32,
+    for w and the e8m0 scales (..., N, K/32) its blocks were quantised with.
 
     With the block's scale 2^e, a weight is x = w / 2^e with |x| <= 6, and e2m1's steps are 0.5 up
     to 2, 1 up to 4 and 2 up to 6: rounding errs by at most a quarter of max(|x|, 1), so by
-    max(|w|, 2^e) / 4. Since 6 * 2^(e-1) < amax, 2^e < amax / 3: at most amax / 12 for the block's
-    small weights, a quarter of the value for the others.
+    max(|w|, 2^e) / 4. For |w| >= 2^e that is a quarter of the value (reached only where |x| sits
+    midway between two steps, as 2.5 between 2 and 3); below 2^e the bound is 2^e / 4, and weights
+    under 2^e / 4 round to 0, a relative error of 1. With quantize_mxfp4's scale, 2^e < amax / 3,
+    so 2^e / 4 < amax / 12. Raises ValueError for a w or scales of the wrong kind or shape.
     """
-    scale = torch.ldexp(torch.ones(scales.shape), scales.to(torch.int32) - E8M0_BIAS)
-    scale = scale.repeat_interleave(MX_BLOCK, -1)
-    return torch.maximum(w.float().abs(), scale) / 4
+    _check_weight(w)
+    if w.shape[-1] % MX_BLOCK:
+        raise ValueError(f"the last dimension of w must be a multiple of {MX_BLOCK}, got shape {tuple(w.shape)}")
+    expected = (*w.shape[:-1], w.shape[-1] // MX_BLOCK)
+    if not isinstance(scales, torch.Tensor) or scales.dtype != torch.uint8 or tuple(scales.shape) != expected:
+        raise ValueError(f"scales must be a torch.uint8 tensor of shape {expected} (one per {MX_BLOCK} weights of w "
+                         f"{tuple(w.shape)}), got {getattr(scales, 'dtype', type(scales).__name__)} of shape "
+                         f"{tuple(getattr(scales, 'shape', ()))}")
+    scale = torch.ldexp(torch.ones(scales.shape, device=scales.device), scales.to(torch.int32) - E8M0_BIAS)
+    a = w.float().abs().unflatten(-1, (-1, MX_BLOCK))                    # (..., N, K/32, 32): a view per block
+    return torch.maximum(a, scale[..., None]).flatten(-2) / 4
 
 
-def quantized_bytes(shape, fmt, block=(128, 128)):
+def quantized_bytes(shape, fmt, block=FP8_BLOCK):
     """Bytes a weight of shape (..., M, N) takes stored in fmt: "fp8" (1 byte per weight plus a
     4-byte scale per block, partial edge blocks included) or "mxfp4" (half a byte per weight plus a
     1-byte scale per 32)."""
@@ -220,10 +277,10 @@ def quantized_bytes(shape, fmt, block=(128, 128)):
     for d in lead:
         n_matrices *= d
     if fmt == "fp8":
-        gm, gn = _grid(shape, _check_block(block))
-        return n_matrices * (M * N + 4 * gm * gn)
+        gm, gn = _grid(shape, check_block(block))
+        return n_matrices * (M * N + FP8_SCALE_BYTES * gm * gn)
     if fmt == "mxfp4":
         if N % MX_BLOCK:
             raise ValueError(f"MXFP4 needs the last dimension to be a multiple of {MX_BLOCK}, got shape {tuple(shape)}")
-        return n_matrices * (M * N // 2 + M * N // MX_BLOCK)
+        return n_matrices * M * N // MX_BLOCK * (MX_BLOCK * E2M1_BITS + E8M0_BITS) // 8
     raise ValueError(f"fmt must be one of ('fp8', 'mxfp4'), got {fmt!r}")
