@@ -38,11 +38,12 @@ def test_decode_dispatch_equals_the_reference_dispatch(expert_type, tokens):
                                    atol=1e-6, rtol=0)
 
 
-def test_decode_dispatch_sums_bfloat16_outputs_in_float32():
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_decode_dispatch_sums_bfloat16_outputs_in_float32(tokens):
     torch.manual_seed(0)
     experts = Experts(8, 16, 24).to(torch.bfloat16)
-    x = torch.randn(1, 16, dtype=torch.bfloat16)
-    topk_idx, topk_weight = torch.tensor([[5, 2, 7]]), torch.rand(1, 3)
+    x = torch.randn(tokens, 16, dtype=torch.bfloat16)
+    topk_idx, topk_weight = torch.tensor([[5, 2, 7], [2, 0, 5]])[:tokens], torch.rand(tokens, 3)
     with torch.no_grad():
         ours = dispatch_few(x, topk_idx, topk_weight, experts)
         reference = dispatch_loop(x, *_assignments(topk_idx, topk_weight), experts)
@@ -50,12 +51,19 @@ def test_decode_dispatch_sums_bfloat16_outputs_in_float32():
     torch.testing.assert_close(ours, reference, atol=1e-2, rtol=0)
 
 
-def test_the_layer_takes_the_decode_path_only_for_few_tokens_without_autograd():
+def test_the_layer_takes_the_decode_path_only_for_few_tokens_without_autograd(monkeypatch):
+    import utils.moe
+    calls = []
+    monkeypatch.setattr(utils.moe, "dispatch_few", lambda *args: calls.append(1) or dispatch_few(*args))
     torch.manual_seed(0)
     moe = MoEFeedForward(MOE).eval()
     for shape, path in (((1, 1, 16), "few"), ((4, 1, 16), "few"), ((5, 1, 16), "sorted"), ((1, 12, 16), "sorted")):
         x = torch.randn(shape)
-        assert moe.serves_few(torch.zeros(shape[0] * shape[1], 2, dtype=torch.long), training=False) == (path == "few")
+        assert moe.serves_few(torch.zeros(shape[0] * shape[1], 2, dtype=torch.long), grad_enabled=False) == (path == "few")
+        calls.clear()
+        with torch.no_grad():
+            moe(x)
+        assert len(calls) == (path == "few"), shape                  # the forward pass takes the decode path
         with torch.no_grad():
             moe.dispatch = dispatch_sorted
             fast = moe(x)
@@ -64,11 +72,12 @@ def test_the_layer_takes_the_decode_path_only_for_few_tokens_without_autograd():
             moe.dispatch = dispatch_sorted
         torch.testing.assert_close(fast, reference, atol=1e-6, rtol=0)
     x = torch.randn(1, 1, 16, requires_grad=True)
-    assert not moe.serves_few(torch.zeros(1, 2, dtype=torch.long), training=True)
+    assert not moe.serves_few(torch.zeros(1, 2, dtype=torch.long), grad_enabled=True)
+    calls.clear()
     moe(x).sum().backward()                                   # with autograd: the general path, gradients flow
-    assert x.grad is not None and moe.aux_loss is not None
+    assert x.grad is not None and moe.aux_loss is not None and not calls
     capped = MoEFeedForward({**MOE, "capacity_factor": 1.0}).eval()
-    assert not capped.serves_few(torch.zeros(1, 2, dtype=torch.long), training=False)
+    assert not capped.serves_few(torch.zeros(1, 2, dtype=torch.long), grad_enabled=False)
 
 
 def test_without_autograd_the_balancing_losses_are_skipped():
@@ -164,10 +173,12 @@ def test_the_decode_path_equals_the_reference_in_every_layer_variant(extra):
     from utils.moe import make_moe
     torch.manual_seed(0)
     layer = make_moe({**MOE, **extra}).eval()
-    x = torch.randn(3, 1, 16)                                  # 3 tokens x top-2 = 6 choices <= 8 experts
-    assert layer.serves_few(torch.zeros(3, 2, dtype=torch.long), training=False)
-    with torch.no_grad():
-        fast = layer(x)
-        layer.dispatch = dispatch_loop
-        reference = layer(x)
-    torch.testing.assert_close(fast, reference, atol=1e-6, rtol=0)
+    for tokens in (1, 3):                                      # 3 tokens x top-2 = 6 choices <= 8 experts
+        x = torch.randn(tokens, 1, 16)
+        layer.dispatch = dispatch_sorted
+        assert layer.serves_few(torch.zeros(tokens, 2, dtype=torch.long), grad_enabled=False)
+        with torch.no_grad():
+            fast = layer(x)
+            layer.dispatch = dispatch_loop
+            reference = layer(x)
+        torch.testing.assert_close(fast, reference, atol=1e-6, rtol=0)

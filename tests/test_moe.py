@@ -691,13 +691,28 @@ def test_upcycle_keeps_the_dense_models_dtype():
         assert torch.allclose(moe(idx).float(), dense(idx).float(), atol=0.1)
 
 
-def test_grouped_matmuls_are_chosen_only_for_bfloat16_on_recent_gpus():
-    assert not prefers_grouped_mm(torch.zeros(2, 4))                       # a CPU keeps the sorted dispatch
-    assert not prefers_grouped_mm(torch.zeros(2, 4, dtype=torch.bfloat16))
+def test_grouped_matmuls_are_chosen_only_for_bfloat16_on_recent_gpus(monkeypatch):
+    import utils.moe
+    experts = Experts(2, 16, 24)
+    assert not prefers_grouped_mm(torch.zeros(2, 16), experts)             # a CPU keeps the sorted dispatch
+    assert not prefers_grouped_mm(torch.zeros(2, 16, dtype=torch.bfloat16), experts)
     if torch.cuda.is_available():
-        recent = torch.cuda.get_device_capability() >= (9, 0)
-        assert prefers_grouped_mm(torch.zeros(2, 4, dtype=torch.bfloat16, device="cuda")) == recent
-        assert not prefers_grouped_mm(torch.zeros(2, 4, device="cuda"))
+        from utils.experts import GROUPED_MM_CAPABILITIES
+        recent = torch.cuda.get_device_capability() in GROUPED_MM_CAPABILITIES and torch.version.hip is None
+        assert prefers_grouped_mm(torch.zeros(2, 16, dtype=torch.bfloat16, device="cuda"), experts) == recent
+        assert not prefers_grouped_mm(torch.zeros(2, 16, dtype=torch.bfloat16, device="cuda"), Experts(2, 16, 20))
+        assert not prefers_grouped_mm(torch.zeros(2, 16, device="cuda"), experts)
+    if not GROUPED:
+        return
+    # Where the rule says yes, the default dispatch hands over to the grouped one (same result).
+    calls = []
+    monkeypatch.setattr(utils.moe, "prefers_grouped_mm", lambda x, experts: True)
+    monkeypatch.setattr(utils.moe, "dispatch_grouped", lambda *args: calls.append(1) or dispatch_grouped(*args))
+    moe = make()
+    x = torch.randn(2, 5, 16)
+    y = moe(x)
+    moe.dispatch = dispatch_loop
+    assert calls == [1] and torch.allclose(y, moe(x), atol=1e-6)
 
 
 def test_the_grouped_dispatch_is_refused_clearly_where_torch_lacks_grouped_mm(monkeypatch):

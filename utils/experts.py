@@ -77,9 +77,8 @@ class Experts(nn.Module):
     def weights_of(self, e):
         """Expert e's (w_in, w_out, w_gate, b_in, b_out): views into the stacked tensors, no copy
         (None for the weights its expert_type does not have)."""
-        gelu = self.expert_type == "gelu"
-        return (self.w_in[e], self.w_out[e], self.w_gate[e] if self.w_gate is not None else None,
-                self.b_in[e] if gelu else None, self.b_out[e] if gelu else None)
+        return tuple(w[e] if w is not None else None
+                     for w in (self.w_in, self.w_out, self.w_gate, self.b_in, self.b_out))
 
     def mlp(self, x, w_in, w_out, w_gate=None, b_in=None, b_out=None):
         """One expert's MLP on x: (..., D) -> (..., D)."""
@@ -180,6 +179,13 @@ def dispatch_few(x, topk_idx, topk_weight, experts):
     return out.to(x.dtype)
 
 
+def check_grouped_mm():
+    """Raise a ValueError unless this torch has torch.nn.functional.grouped_mm."""
+    if not hasattr(F, "grouped_mm"):
+        raise ValueError(f"config['moe_dispatch'] 'grouped' needs torch.nn.functional.grouped_mm, which torch "
+                         f"{torch.__version__} does not have: use 'sorted'")
+
+
 def dispatch_grouped(x, token_idx, expert_idx, weight, experts):
     """Grouped-GEMM dispatch: sort the assignments by expert, as dispatch_sorted does, then multiply
     all experts' slices at once, one torch.nn.functional.grouped_mm per weight matrix.
@@ -189,9 +195,7 @@ def dispatch_grouped(x, token_idx, expert_idx, weight, experts):
     expert, however uneven their loads, with no host synchronisation (dispatch_sorted needs the
     counts on the host to split the rows). Same arguments and result as dispatch_loop.
     """
-    if not hasattr(F, "grouped_mm"):
-        raise ValueError(f"moe_dispatch 'grouped' needs torch.nn.functional.grouped_mm, which torch "
-                         f"{torch.__version__} does not have: use 'sorted'")
+    check_grouped_mm()
     order = torch.argsort(expert_idx, stable=True)
     ends = torch.bincount(expert_idx, minlength=experts.num_experts).cumsum(0).to(torch.int32)
     tokens, chosen = token_idx[order], expert_idx[order]
@@ -212,14 +216,22 @@ def dispatch_grouped(x, token_idx, expert_idx, weight, experts):
     return combine(y, tokens, weight[order], x.shape[0], x.dtype)
 
 
-def prefers_grouped_mm(x):
+# NVIDIA data-centre GPUs whose bfloat16 grouped_mm is one fused kernel for all experts: H100/H200
+# (compute capability 9.0) and B200 (10.0), the GPUs torchtitan trains MoEs with grouped_mm on.
+GROUPED_MM_CAPABILITIES = ((9, 0), (10, 0))
+
+
+def prefers_grouped_mm(x, experts):
     """Whether the default dispatch hands the experts over to dispatch_grouped: for bfloat16 tokens
-    on an NVIDIA GPU of compute capability 9.0 or newer (H100 and later), where grouped_mm is one
-    fused kernel for all experts (what torchtitan trains MoEs with). Elsewhere - CPUs, float32,
-    older GPUs - the sorted dispatch is kept: grouped_mm is then a loop of matmuls, or missing
-    (notebook 05 times both on your machine)."""
-    return (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(F, "grouped_mm")
-            and torch.cuda.get_device_capability(x.device) >= (9, 0))
+    on an NVIDIA GPU of GROUPED_MM_CAPABILITIES (not ROCm), with the experts' dimensions multiples
+    of 8 (the kernel's alignment: rows of 16 bytes). Elsewhere - CPUs, float32, other GPUs - the
+    sorted dispatch is kept: on a CPU grouped_mm is a loop of matmuls (notebook 05 times both
+    there); on other GPUs it was not measured for this course. A rule, not a measurement: it was
+    not timed on a GPU for this course either."""
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(F, "grouped_mm") and torch.version.hip is None):
+        return False
+    dims = (experts.w_in.shape[-1], experts.w_in.shape[-2])               # (D, H)
+    return torch.cuda.get_device_capability(x.device) in GROUPED_MM_CAPABILITIES and all(d % 8 == 0 for d in dims)
 
 
 DISPATCH = {"loop": dispatch_loop, "sorted": dispatch_sorted, "grouped": dispatch_grouped}

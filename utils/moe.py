@@ -22,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import CAPACITY_PRIORITIES, is_count, shared_expert_hidden, validate_moe_config
-from .experts import DISPATCH, Experts, dispatch_few, dispatch_grouped, dispatch_sorted, prefers_grouped_mm
+from .experts import (DISPATCH, Experts, check_grouped_mm, dispatch_few, dispatch_grouped, dispatch_sorted,
+                      prefers_grouped_mm)
 from .router import TopKRouter, load_balancing_loss, router_z_loss, routing_stats, sequence_balance_loss
 
 # The (token, expert, gate) assignments the experts serve: token_idx, expert_idx, gate, each (A,),
@@ -89,11 +90,18 @@ class MoEFeedForward(nn.Module):
                          to the language-model loss (a plain training loop adds it itself:
                          loss = loss + sum(m.aux_loss for m in model.modules()
                                            if isinstance(m, MoEFeedForward)));
+                         None after a pass without autograd (torch.no_grad: evaluation,
+                         generation), which trains nothing and skips them;
       self.last_routing  detached statistics of that batch (see routing_stats).
+
+    How the assignments reach the experts: self.dispatch, dispatch_sorted by default (or the
+    config's "loop" / "grouped", utils/experts.py). The default hands over by itself to the decode
+    path, dispatch_few, for a few tokens without autograd (serves_few), and to dispatch_grouped
+    for bfloat16 on recent NVIDIA GPUs (prefers_grouped_mm).
 
     Expert parallelism (utils/parallel.py) changes two parts of the layer and nothing else:
       self.dispatch        how the assignments reach the experts and come back combined
-                           (dispatch_sorted or dispatch_loop here; an exchange between processes);
+                           (an exchange between processes, never replaced by the paths above);
       self.sum_over_ranks  None here; a sum over the processes that share the batch, so that the
                            balancing losses are those of the whole batch (see utils/router.py).
     """
@@ -110,9 +118,8 @@ class MoEFeedForward(nn.Module):
         self.bias_update_rate = cfg["bias_update_rate"]
         self.capacity_factor = cfg["capacity_factor"]
         self.capacity_priority = cfg["capacity_priority"]
-        if cfg["moe_dispatch"] == "grouped" and not hasattr(F, "grouped_mm"):
-            raise ValueError(f"config['moe_dispatch'] 'grouped' needs torch.nn.functional.grouped_mm, which torch "
-                             f"{torch.__version__} does not have: use 'sorted'")
+        if cfg["moe_dispatch"] == "grouped":
+            check_grouped_mm()
         self.dispatch = DISPATCH[cfg["moe_dispatch"]]
         self.sum_over_ranks = None
         self.router = TopKRouter(D, self.num_experts, self.top_k, cfg["router_type"], cfg["norm_topk_prob"],
@@ -185,13 +192,13 @@ class MoEFeedForward(nn.Module):
             loss = loss + self.z_loss_coef * router_z_loss(route.logits, sums)
         return loss
 
-    def serves_few(self, topk_idx, training):
+    def serves_few(self, topk_idx, grad_enabled):
         """Whether this forward pass takes the decode path, dispatch_few: no autograd, a dropless
         layer in one process (the default dispatch), and fewer choices than experts (N * k <= E:
         a decode step of a small batch). Otherwise every expert's share of the work is sorted
         out once (dispatch_sorted), which costs a fixed few dozen small operations per layer: at
         batch 1 of a small model, more time than the experts' own matmuls."""
-        return (not training and self.dispatch is dispatch_sorted and self.capacity_factor is None
+        return (not grad_enabled and self.dispatch is dispatch_sorted and self.capacity_factor is None
                 and topk_idx.numel() <= self.num_experts)
 
     def forward(self, x):
@@ -199,20 +206,20 @@ class MoEFeedForward(nn.Module):
         B, T, D = x.shape
         flat = x.reshape(-1, D)                                           # (N, D)
         route = self.router(flat)
-        training = torch.is_grad_enabled()
-        if self.serves_few(route.topk_idx, training):
+        grad_enabled = torch.is_grad_enabled()
+        if self.serves_few(route.topk_idx, grad_enabled):
             routed, keep = dispatch_few(self.to_experts(flat), route.topk_idx, route.topk_weight, self.experts), None
         else:
             assigned = self.assignments(route, B, T)
             dispatch = self.dispatch
-            if dispatch is dispatch_sorted and prefers_grouped_mm(x):
+            if dispatch is dispatch_sorted and prefers_grouped_mm(x, self.experts):
                 dispatch = dispatch_grouped
             routed = dispatch(self.to_experts(flat), assigned.token_idx, assigned.expert_idx, assigned.gate,
                               self.experts)
             keep = assigned.keep
         out = self.add_shared_expert(flat, self.from_experts(routed))
         # Without autograd (evaluation, generation) nothing is trained: the balancing losses are skipped.
-        self.aux_loss = self.balancing_loss(route, B) if training else None
+        self.aux_loss = self.balancing_loss(route, B) if grad_enabled else None
         self._routing = (route.probs.detach(), route.topk_idx.detach(), keep)
         return out.reshape(B, T, D)
 
