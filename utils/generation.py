@@ -54,10 +54,15 @@ def check_cached_decoding(model):
     """Raise a ValueError if a module of the model cannot decode token by token with a KV cache;
     such a module says why in a `cached_decoding_problem()` method (an MoE layer with a capacity
     limit: one token at a time would drop other assignments than the whole sequence does)."""
-    problems = [m.cached_decoding_problem() for m in model.modules() if hasattr(m, "cached_decoding_problem")]
-    problems = [p for p in problems if p is not None]
+    problems = cached_decoding_problems(model)
     if problems:
         raise ValueError(problems[0])
+
+
+def cached_decoding_problems(model):
+    """What each module that cannot decode token by token says about it (an empty list: none can't)."""
+    problems = [m.cached_decoding_problem() for m in model.modules() if hasattr(m, "cached_decoding_problem")]
+    return [p for p in problems if p is not None]
 
 
 @torch.no_grad()
@@ -137,8 +142,7 @@ def check_left_padding(model, idx, attention_mask):
                          "real token (left-pad prompts of different lengths)")
     if mask.all():
         return None
-    problems = [m.cached_decoding_problem() for m in model.modules() if hasattr(m, "cached_decoding_problem")]
-    if any(p is not None for p in problems):
+    if cached_decoding_problems(model):           # the same limit: a capacity shared by all tokens
         raise ValueError("attention_mask with padding needs dropless MoE layers (capacity_factor=None): padding "
                          "tokens would take capacity from real ones")
     return mask
